@@ -1,0 +1,137 @@
+"""Tests of sinkhorn.py against POT, against each other, and against identities that must hold."""
+import numpy as np
+import pytest
+import torch
+
+from sinkhorn import CHECK_EVERY, mps, sinkhorn_log, sinkhorn_naive
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """Relative agreement max|actual - expected| / max|expected| <= rtol, printing the difference."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    rel = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert rel <= rtol, f"{what}: largest relative difference {rel:.3e} > {rtol:.1e}"
+
+
+def random_marginal(*shape, dtype=torch.float64):
+    w = torch.rand(*shape, dtype=dtype) + 0.2
+    return w / w.sum(-1, keepdim=True)
+
+
+def otseg_like_sim(batch, m, n, dim=16, seed=0):
+    """Cosine similarities of random unit vectors, (batch, M, N), as pixels x prompts."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.nn.functional.normalize(torch.randn(batch, m, dim, generator=g), dim=-1)
+    prompts = torch.nn.functional.normalize(torch.randn(batch, n, dim, generator=g), dim=-1)
+    return pixels @ prompts.transpose(1, 2)                               # (batch, M, N)
+
+
+def test_log_domain_matches_pot():
+    ot = pytest.importorskip("ot")
+    torch.manual_seed(0)
+    for m, n, eps in [(7, 5, 0.1), (12, 3, 0.05), (4, 9, 0.2)]:
+        cost = torch.rand(m, n, dtype=torch.float64)
+        a, b = random_marginal(m), random_marginal(n)
+        # POT solves min <T, C> + reg * sum T log T, the same problem as ours with reg = eps.
+        expected = ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), eps, method="sinkhorn_log",
+                               numItermax=100_000, stopThr=1e-15, warn=False)
+        plan = sinkhorn_log(cost, eps, a, b, n_iters=5000, tol=0)
+        assert_close(plan, expected, 1e-8, f"log vs POT (M={m}, N={n}, eps={eps})")
+
+
+def test_naive_matches_log_and_marginals():
+    torch.manual_seed(1)
+    cost = torch.rand(3, 20, 6, dtype=torch.float64)
+    a, b = random_marginal(3, 20), random_marginal(3, 6)
+    naive = sinkhorn_naive(cost, 0.1, a, b, n_iters=500, tol=0)
+    log = sinkhorn_log(cost, 0.1, a, b, n_iters=500, tol=0)
+    assert_close(naive, log, 1e-10, "naive vs log")
+    assert_close(log.sum(-1), a, 1e-10, "row marginals")
+    assert_close(log.sum(-2), b, 1e-12, "column marginals")
+
+
+def test_log_survives_where_naive_underflows():
+    torch.manual_seed(2)
+    cost = 2 * torch.rand(4, 256, 6)                                       # float32, costs in [0, 2]
+    naive = sinkhorn_naive(cost, 0.01)
+    assert not torch.isfinite(naive).all(), "the naive kernel was expected to underflow here"
+    plan = sinkhorn_log(cost, 0.01, n_iters=300)
+    assert torch.isfinite(plan).all() and (plan >= 0).all()
+    assert_close(plan.sum(-1), torch.full((4, 256), 1 / 256), 1e-3, "row marginals")
+    assert_close(plan.sum(-2), torch.full((4, 6), 1 / 6), 1e-5, "column marginals")
+
+
+@pytest.mark.parametrize("solver", [sinkhorn_naive, sinkhorn_log])
+def test_gradcheck(solver):
+    torch.manual_seed(3)
+    cost = torch.rand(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    a = random_marginal(2, 5).requires_grad_()
+    b = random_marginal(2, 3).requires_grad_()
+    fn = lambda c, a_, b_: solver(c, 0.3, a_, b_, n_iters=20, tol=0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (cost, a, b))
+
+
+def test_mps_gradients_under_bf16_autocast():
+    torch.manual_seed(4)
+    pixels = torch.randn(2, 64, 16, requires_grad=True)
+    prompts = torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim = torch.nn.functional.normalize(pixels, dim=-1) @ \
+            torch.nn.functional.normalize(prompts, dim=-1).transpose(1, 2)  # (2, M, N), bf16
+        assert sim.dtype == torch.bfloat16
+        score = mps(sim)
+    assert score.dtype == torch.float32 and torch.isfinite(score).all()
+    score.sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+
+
+def test_batch_equals_problems_one_by_one():
+    torch.manual_seed(5)
+    cost = torch.rand(2, 3, 10, 4)
+    a, b = random_marginal(2, 3, 10, dtype=torch.float32), random_marginal(2, 3, 4, dtype=torch.float32)
+    for solver in (sinkhorn_naive, sinkhorn_log):
+        batch = solver(cost, 0.1, a, b, n_iters=30, tol=0)
+        for i in range(2):
+            for j in range(3):
+                single = solver(cost[i, j], 0.1, a[i, j], b[i, j], n_iters=30, tol=0)
+                assert_close(batch[i, j], single, 1e-6, f"{solver.__name__} problem ({i}, {j})")
+
+
+def test_mps_single_prompt_is_identity():
+    sim = otseg_like_sim(3, 50, 1)
+    score, plan = mps(sim, return_plan=True)
+    assert torch.equal(score, sim[..., 0])
+    # the solver agrees that the plan is uniform
+    assert_close(sinkhorn_log(1 - sim, 0.05), plan, 1e-5, "N = 1 plan")
+
+
+def test_mps_equal_prompts_give_sum_over_prompts():
+    # If every prompt has the same similarity to a pixel, each cost row is constant, the plan is
+    # mu nu^T = 1/(M N) and S* = sum_n sim = N * sim.
+    sim = otseg_like_sim(2, 40, 1).expand(2, 40, 5)                       # (2, M, N) equal columns
+    assert_close(mps(sim), 5 * sim[..., 0], 1e-5, "equal prompts")
+
+
+def release_sinkhorn(cost, eps, n_iters=100, tol=1e-6):
+    """The release's rule, written independently: log domain, test every iteration (FACTS 2)."""
+    m, n = cost.shape[-2:]
+    log_mu, log_nu = torch.tensor(1 / m).log(), torch.tensor(1 / n).log()
+    u = cost.new_zeros(cost.shape[:-1])
+    v = cost.new_zeros(cost.shape[:-2] + (n,))
+    for it in range(n_iters):
+        u_prev = u
+        u = u + eps * (log_mu - torch.logsumexp((-cost + u[..., :, None] + v[..., None, :]) / eps, -1))
+        v = v + eps * (log_nu - torch.logsumexp((-cost + u[..., :, None] + v[..., None, :]) / eps, -2))
+        if (u - u_prev).abs().mean().item() < tol:
+            break
+    return torch.exp((-cost + u[..., :, None] + v[..., None, :]) / eps), it + 1
+
+
+@pytest.mark.parametrize("seed", [1, 5])  # seeds where the release stops between two of our checks
+def test_defaults_agree_with_release_rule(seed):
+    sim = otseg_like_sim(16, 128, 6, seed=seed)
+    expected, release_iters = release_sinkhorn(1 - sim, 0.05)
+    plan, iters = sinkhorn_log(1 - sim, 0.05, return_iters=True)
+    assert release_iters <= iters < release_iters + CHECK_EVERY, (release_iters, iters)
+    assert_close(128 * 6 * plan, 128 * 6 * expected, 1e-3,
+                 f"defaults vs release rule ({iters} vs {release_iters} iterations)")

@@ -1,0 +1,161 @@
+"""Tests of mpsa.py: shapes, identities, the release's structure, and the softmax baseline against
+torch.nn.MultiheadAttention."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpsa import MATCHINGS, MPSADecoder, MultiPromptAttention, softmax_mask_logits
+from sinkhorn import mps
+
+
+def assert_close(actual, expected, atol=1e-5, rtol=1e-4):
+    diff = (actual - expected).abs().max().item()
+    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"largest difference {diff:.3e}"
+
+
+def inputs(B, K, N, M, C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(B, K, N, C, generator=g)
+    memory = F.normalize(torch.randn(B, M, C, generator=g), dim=-1)
+    return queries, memory
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+@pytest.mark.parametrize("B, K, N, h, w", [(1, 1, 1, 4, 4), (2, 3, 4, 3, 5), (3, 5, 2, 7, 2)])
+def test_shapes_and_eval_determinism(matching, B, K, N, h, w):
+    torch.manual_seed(0)
+    C = 32
+    decoder = MPSADecoder(dim=C, ffn_dim=4 * C, matching=matching, num_heads=4).eval()
+    queries, memory = inputs(B, K, N, h * w, C)
+    D, masks = decoder(queries, memory)
+    assert D.shape == (B, K, h * w)
+    assert len(masks) == 3 and all(a.shape == (B, K, h * w) for a in masks)
+    assert torch.isfinite(D).all()
+    D2, _ = decoder(queries, memory)
+    assert torch.equal(D, D2)
+
+
+def test_dropout_active_in_training():
+    torch.manual_seed(0)
+    decoder = MPSADecoder(dim=32, ffn_dim=128).train()
+    queries, memory = inputs(2, 3, 4, 12, 32)
+    assert not torch.equal(decoder(queries, memory)[0], decoder(queries, memory)[0])
+
+
+def test_one_prompt_plan_is_uniform():
+    """N = 1: the plan is 1/M, so the mask is the cosine similarity and the output proj(mean of values)."""
+    torch.manual_seed(0)
+    B, K, M, C = 2, 3, 10, 16
+    attn = MultiPromptAttention(C, matching="sinkhorn").eval()
+    queries, memory = inputs(B, K, 1, M, C)
+    out, mask = attn(queries, memory)
+    q = F.normalize(queries @ attn.q_proj.weight.T + attn.q_proj.bias, dim=-1)  # (B, K, 1, C)
+    k = F.normalize(memory @ attn.k_proj.weight.T + attn.k_proj.bias, dim=-1)  # (B, M, C)
+    cosine = (q[:, :, None, 0, :] * k[:, None, :, :]).sum(-1)  # (B, K, M)
+    assert_close(mask, cosine)
+    values = memory @ attn.v_proj.weight.T + attn.v_proj.bias  # (B, M, C)
+    expected = values.mean(dim=1) @ attn.out_proj.weight.T + attn.out_proj.bias  # (B, C)
+    assert_close(out[:, :, 0], expected[:, None].expand(B, K, C))
+
+
+def test_masks_come_from_the_queries_entering_each_layer_and_gate_the_last():
+    torch.manual_seed(0)
+    decoder = MPSADecoder(dim=16, ffn_dim=64).eval()
+    queries, memory = inputs(2, 3, 4, 9, 16)
+    D, (a1, a2, a3) = decoder(queries, memory)
+    # A_1 by hand: MPS of the cosine similarities of the projected inputs.
+    attn = decoder.layers[0].cross_attn
+    q = F.normalize(attn.q_proj(queries), dim=-1)
+    k = F.normalize(attn.k_proj(memory), dim=-1)
+    assert_close(a1, mps(torch.einsum("bknc,bmc->bkmn", q, k)))
+    x1, _ = decoder.layers[0](queries, memory)
+    x2, _ = decoder.layers[1](x1, memory)
+    assert_close(a2, decoder.layers[1].cross_attn(x1, memory)[1])
+    assert_close(a3, decoder.layers[2].cross_attn(x2, memory)[1])
+    assert_close(D, a3 * torch.sigmoid(a1).sqrt() * torch.sigmoid(a2).sqrt())
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+def test_every_parameter_gets_a_gradient_and_last_layer_is_q_k_only(matching):
+    torch.manual_seed(0)
+    decoder = MPSADecoder(dim=16, ffn_dim=64, matching=matching, num_heads=2)
+    queries, memory = inputs(2, 3, 4, 9, 16)
+    D, _ = decoder(queries, memory)
+    D.square().sum().backward()
+    for name, p in decoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    last = {name for name, _ in decoder.layers[2].named_parameters()}
+    assert last == {f"cross_attn.{proj}.{kind}" for proj in ("q_proj", "k_proj") for kind in ("weight", "bias")}
+
+
+def test_parameter_count_at_vit_b16_width():
+    """FACTS 3: layers 1-2 3,152,384 each, layer 3's q and k 525,312; same for both matchings."""
+    for matching in MATCHINGS:
+        decoder = MPSADecoder(dim=512, ffn_dim=2048, matching=matching)
+        counts = [sum(p.numel() for p in layer.parameters()) for layer in decoder.layers]
+        assert counts == [3_152_384, 3_152_384, 525_312], (matching, counts)
+
+
+def test_softmax_and_sinkhorn_share_everything_but_the_matching():
+    torch.manual_seed(0)
+    sinkhorn = MPSADecoder(dim=32, ffn_dim=128, matching="sinkhorn", num_heads=4).eval()
+    softmax = MPSADecoder(dim=32, ffn_dim=128, matching="softmax", num_heads=4).eval()
+    assert type(sinkhorn) is type(softmax)
+    assert {n: p.shape for n, p in sinkhorn.named_parameters()} == \
+           {n: p.shape for n, p in softmax.named_parameters()}
+    softmax.load_state_dict(sinkhorn.state_dict())
+    queries, memory = inputs(2, 3, 4, 12, 32)
+    D_sinkhorn, _ = sinkhorn(queries, memory)
+    D_softmax, _ = softmax(queries, memory)
+    assert not torch.allclose(D_sinkhorn, D_softmax)
+    # Flipping only the matching attribute of each attention turns one decoder into the other.
+    for layer in sinkhorn.layers:
+        layer.cross_attn.matching = "softmax"
+    assert torch.equal(sinkhorn(queries, memory)[0], D_softmax)
+
+
+def test_softmax_matching_against_multihead_attention():
+    """Output vs torch.nn.MultiheadAttention with the same weights; mask vs per-head logits by hand."""
+    torch.manual_seed(0)
+    B, K, N, M, C, H = 2, 3, 4, 10, 32, 4
+    attn = MultiPromptAttention(C, matching="softmax", num_heads=H).eval()
+    reference = torch.nn.MultiheadAttention(C, H, batch_first=True).eval()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        reference.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        reference.out_proj.weight.copy_(attn.out_proj.weight)
+        reference.out_proj.bias.copy_(attn.out_proj.bias)
+    queries, memory = inputs(B, K, N, M, C)
+    out, mask = attn(queries, memory)
+    expected, _ = reference(queries.flatten(1, 2), memory, memory)  # (B, K*N, C)
+    assert_close(out, expected.unflatten(1, (K, N)))
+    q = attn.q_proj(queries).unflatten(-1, (H, C // H))  # (B, K, N, H, C/H)
+    k = attn.k_proj(memory).unflatten(-1, (H, C // H))  # (B, M, H, C/H)
+    logits = torch.einsum("bknhd,bmhd->bknhm", q, k) / math.sqrt(C // H)  # per head, pre-softmax
+    assert_close(mask, logits.mean(dim=3).sum(dim=2))
+    assert_close(softmax_mask_logits(attn.q_proj(queries), attn.k_proj(memory), H), mask)
+
+
+def test_invalid_matching_is_rejected():
+    with pytest.raises(ValueError):
+        MPSADecoder(dim=16, matching="cosine")
+
+
+def test_layer_is_post_norm_without_self_attention():
+    """x = norm2(x + attn(x)); x = norm3(x + FFN(x)), written out with functional ops (eval: no dropout)."""
+    torch.manual_seed(0)
+    C = 16
+    layer = MPSADecoder(dim=C, ffn_dim=64).layers[0].eval()
+    with torch.no_grad():  # non-trivial norm affines, so a swapped or missing norm shows
+        for norm in (layer.norm2, layer.norm3):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    queries, memory = inputs(2, 3, 4, 9, C)
+    attended, _ = layer.cross_attn(queries, memory)
+    x = F.layer_norm(queries + attended, (C,), layer.norm2.weight, layer.norm2.bias)
+    hidden = F.relu(F.linear(x, layer.linear1.weight, layer.linear1.bias))
+    x = F.layer_norm(x + F.linear(hidden, layer.linear2.weight, layer.linear2.bias), (C,),
+                     layer.norm3.weight, layer.norm3.bias)
+    assert_close(layer(queries, memory)[0], x)

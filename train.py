@@ -1,0 +1,495 @@
+"""train.py -- train OTSeg with the paper's protocol, on one device or many with torchrun.
+
+One plain loop (nanoGPT's shape): options, distributed set-up, data, model, loop. The schedule of the
+authors' release (reference FACTS sections 6-7) is the table SCHEDULES below; it is printed at the
+start and saved into every checkpoint, so evaluate.py needs nothing from this file.
+
+Single process (one GPU, or the CPU):
+    python train.py --dataset voc --setting inductive --data-root data/VOCdevkit/VOC2012/.. \
+        --clip-weights ~/.cache/clip/ViT-B-16.pt --output-dir runs/voc-inductive
+Several GPUs on one node (the global batch stays 16: 4 GPUs x 4 images, or accumulation on fewer):
+    torchrun --standalone --nproc_per_node 4 train.py --dataset voc --setting inductive ...
+Several nodes (run on every node; node 0's address as the rendezvous endpoint):
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
+Transductive (from the inductive run's half-way checkpoint, fresh optimizer and warmup):
+    python train.py --dataset voc --setting transductive --init-from runs/voc-inductive/iter_10000.pt ...
+Without downloads (a small random CLIP, generated data; what the tests run):
+    python train.py --dataset voc --data-root /tmp/fake --clip-weights random-tiny --crop-size 64 \
+        --iters 20 --batch-size 4 --warmup-iters 0 --device cpu
+
+The loss is normalised over the whole global batch (FACTS 5): every process back-propagates the sums
+of its focal and dice terms, gradients are summed over micro-steps and processes, then divided once
+by the number of (image, present class) pairs of the global batch. So gradient accumulation changes
+nothing but memory, and the result is the release's (which divides by count / world size per process
+and averages gradients over processes).
+
+Checkpoints (rank 0, written atomically): trainable weights only (VPT prompts and the head), the
+optimizer, step, RNG states of every process, arguments, schedule, the CLIP's description, templates,
+classes and test windows. `--resume` continues exactly where a run stopped: the data order is a pure
+function of (seed, step) and each sample's augmentation is seeded by its position in that order.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import clip
+import data
+import evaluate
+import losses
+from model import OTSeg, trainable_parameters
+
+# ----------------------------------------------------------------------------------------------
+# The schedule of the release (FACTS 6-7), one row per dataset; data presets live in data.py
+# ----------------------------------------------------------------------------------------------
+
+SCHEDULE = dict(
+    lr=2e-4,              # AdamW; the configs say 2e-5 with a x10 multiplier that covers every trained weight
+    weight_decay=0.01,    # on every trained weight (the configs' decay_mult 0 on norms never matches first)
+    betas=(0.9, 0.999),
+    poly_power=0.9,       # lr = (lr - min_lr) * (1 - step / iters) ** 0.9 + min_lr, by iteration
+    min_lr=1e-6,
+    warmup_iters=1500,    # mmcv 'linear' warmup: lr * (1 - (1 - step / 1500) * (1 - 1e-6))
+    warmup_ratio=1e-6,
+    batch_size=16,        # global: 4 GPUs x 4 images in the release
+    micro_batch=4,        # images per process per forward (the release's samples_per_gpu)
+    focal_weight=100.0,   # FACTS 5
+    dice_weight=1.0,
+)
+SCHEDULES = {  # iterations inductive / fully supervised, transductive (after the half-way checkpoint)
+    "voc": dict(iters=20000, transductive_iters=10000, prompt_tokens=10),
+    "context": dict(iters=40000, transductive_iters=20000, prompt_tokens=10),
+    "coco": dict(iters=80000, transductive_iters=40000, prompt_tokens=100),
+}
+DEFAULT_SCHEDULE = SCHEDULES["voc"]  # datasets without a row (the demo's) start from VOC's
+
+
+def make_schedule(args) -> dict:
+    """The preset of the dataset and setting with the command line's overrides applied."""
+    row = SCHEDULES.get(args.dataset, DEFAULT_SCHEDULE)
+    schedule = dict(SCHEDULE, prompt_tokens=row["prompt_tokens"],
+                    iters=row["transductive_iters"] if args.setting == "transductive" else row["iters"])
+    for key in ("iters", "batch_size", "micro_batch", "lr", "warmup_iters", "prompt_tokens"):
+        if getattr(args, key) is not None:
+            schedule[key] = getattr(args, key)
+    schedule["betas"] = list(schedule["betas"])
+    return schedule
+
+
+def learning_rate(step: int, schedule: dict) -> float:
+    """Learning rate of optimizer step `step` (0-based): mmcv's poly with linear warmup, by iteration."""
+    progress = min(step / schedule["iters"], 1.0)
+    lr = (schedule["lr"] - schedule["min_lr"]) * (1 - progress) ** schedule["poly_power"] + schedule["min_lr"]
+    if step < schedule["warmup_iters"]:  # mmcv scales the poly value itself, from warmup_ratio up to 1
+        lr *= 1 - (1 - step / schedule["warmup_iters"]) * (1 - schedule["warmup_ratio"])
+    return lr
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train OTSeg (see the module docstring for commands)")
+    group = parser.add_argument_group("data and setting")
+    group.add_argument("--dataset", default="voc", choices=sorted(data.DATASETS),
+                       help="training dataset (presets in data.py)")
+    group.add_argument("--setting", default="inductive", choices=["inductive", "transductive", "fully"],
+                       help="zero-shot setting (FACTS 6)")
+    group.add_argument("--data-root", required=True, help="dataset root in the MMSegmentation layout")
+    group.add_argument("--num-prompts", type=int, default=None,
+                       help="use the first N templates (paper Table 5(a); default: all of the preset, 6 or 8)")
+    group.add_argument("--crop-size", type=int, default=None,
+                       help="override the preset's crop, test resize and window (small test runs)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--clip-weights", default=clip.DEFAULT_WEIGHTS,
+                       help="OpenAI's ViT-B-16.pt (or a CLIP state dict); 'random-tiny' = small random CLIP")
+    group.add_argument("--matching", default="sinkhorn", choices=["sinkhorn", "softmax"],
+                       help="MPSA/MPS or the softmax baseline of Table 5(b)")
+    group.add_argument("--prompt-tokens", type=int, default=None, help="VPT tokens per layer (preset: 10 or 100)")
+    group = parser.add_argument_group("schedule overrides (default: the preset, see SCHEDULES)")
+    group.add_argument("--iters", type=int, default=None, help="optimizer steps")
+    group.add_argument("--batch-size", type=int, default=None, help="global batch (16)")
+    group.add_argument("--micro-batch", type=int, default=None,
+                       help="at most this many images per process per forward (4); more = accumulation")
+    group.add_argument("--lr", type=float, default=None, help="peak learning rate (2e-4)")
+    group.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (1500)")
+    group = parser.add_argument_group("run")
+    group.add_argument("--output-dir", default=None, help="default: runs/DATASET-SETTING")
+    group.add_argument("--resume", default=None, help="a checkpoint of this run to continue exactly")
+    group.add_argument("--init-from", default=None,
+                       help="start from these trained weights (transductive: the inductive iter_HALF.pt)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
+    group.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (Sinkhorn stays fp32)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--eval-every", type=int, default=0,
+                       help="evaluate every N steps and keep best.pt by hIoU (0: off, as the release)")
+    group.add_argument("--log-every", type=int, default=10)
+    group.add_argument("--save-every", type=int, default=1000, help="overwrite ckpt.pt every N steps")
+    group.add_argument("--stop-after", type=int, default=None,
+                       help="stop after N steps of this invocation, saving ckpt.pt (time-limited jobs)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun's environment variables; NCCL on CUDA, gloo on the CPU: evaluate.py)
+# ----------------------------------------------------------------------------------------------
+
+setup_distributed = evaluate.setup_distributed
+print0 = evaluate.print0
+
+
+def accumulation_steps(batch_size: int, micro_batch: int, world_size: int) -> int:
+    """Fewest micro-steps A with batch_size = world_size * A * (images per micro-step) <= micro_batch."""
+    if batch_size % world_size:
+        sys.exit(f"error: the global batch {batch_size} is not divisible by the {world_size} processes")
+    steps = math.ceil(batch_size / (world_size * micro_batch))
+    while batch_size % (world_size * steps):
+        steps += 1
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order: a pure function of (seed, step), whatever the number of processes and micro-steps
+# ----------------------------------------------------------------------------------------------
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Endless stream of (position, index) pairs for one process.
+
+    The dataset is visited in a new random order each epoch (seeded by seed and epoch), and the
+    epochs are concatenated into one stream. Step s's global batch is stream positions
+    [s * G, (s + 1) * G); micro-step a of process r takes the slice starting at s * G + (a * P + r) * b
+    (G global batch, P processes, b images per micro-step). Starting at `start_step` is resuming.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, micro_batch: int, rank: int,
+                 world_size: int, seed: int, start_step: int = 0):
+        self.n, self.batch_size, self.micro_batch = dataset_size, batch_size, micro_batch
+        self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self):
+        accumulation = self.batch_size // (self.world_size * self.micro_batch)
+        epoch, order = -1, []
+        step = self.start_step
+        while True:
+            for a in range(accumulation):
+                first = step * self.batch_size + (a * self.world_size + self.rank) * self.micro_batch
+                for position in range(first, first + self.micro_batch):
+                    if position // self.n != epoch:
+                        epoch = position // self.n
+                        order = self.order(epoch)
+                    yield position, order[position % self.n]
+            step += 1
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Each sample's random augmentation seeded by its position in the data order.
+
+    So a sample is the same whichever process, worker or micro-step loads it, and after a resume.
+    The caller's random states are put back afterwards (with workers = 0 this is the main process).
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        position, index = item
+        seed = (self.seed * 1_000_003 + position) % 2 ** 32
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimisation step
+# ----------------------------------------------------------------------------------------------
+
+def pseudo_label(outputs: dict, labels: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+    """Transductive labels (FACTS 6): pixels whose true class is unseen get the model's unseen guess.
+
+    P = sigmoid(0.5 S + 0.5 D) with both maps detached; the seen channels are set to -1 so that the
+    argmax is over the unseen classes; no threshold. unseen: bool (256,) lookup over label values.
+    """
+    with torch.no_grad():
+        p = torch.sigmoid(0.5 * outputs["score"].float() + 0.5 * outputs["decoder"].float())  # (B, K, H, W)
+        p[:, ~unseen[:p.shape[1]]] = -1
+        guess = p.argmax(dim=1)  # (B, H, W)
+    return torch.where(unseen[labels], guess, labels)
+
+
+def train_step(model, optimizer, micro_batches: list, class_names: list[str], lr: float,
+               params: list[torch.Tensor], world_size: int, amp, schedule: dict,
+               unseen: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step over the global batch given as this process's micro-batches.
+
+    Each micro-step back-propagates the *sums* of the losses (num_masks = 1); gradients are summed
+    over micro-steps and processes and divided once by max(number of (image, class) pairs, P), which
+    is the release's loss / (count / P) averaged over P processes. Returns the step's
+    [total, decoder focal, decoder dice, score focal, score dice, num_masks], normalised, all reduced.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    stats = torch.zeros(6, device=params[0].device)
+    for images, labels in micro_batches:
+        with amp:
+            outputs = model(images, class_names)  # dict(decoder, score): (b, K, H, W) logits
+        if unseen is not None:
+            labels = pseudo_label(outputs, labels, unseen)
+        parts = losses.otseg_loss(outputs, labels, num_masks=1.0, focal_weight=schedule["focal_weight"],
+                                  dice_weight=schedule["dice_weight"])
+        parts["total"].backward()
+        stats += torch.stack([parts[k].detach() for k in ("total", "decoder_focal", "decoder_dice",
+                                                          "score_focal", "score_dice")]
+                             + [losses.count_masks(labels, len(class_names))])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if world_size > 1:
+        dist.all_reduce(flat)  # sums of gradients over processes ...
+        dist.all_reduce(stats)  # ... and of losses and pair counts
+    flat /= stats[5].clamp(min=world_size)  # ... divided by the global batch's pairs (>= 1 per process)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    stats[:5] /= stats[5].clamp(min=world_size)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: random states of every process, and the checks a resumed run must pass
+# ----------------------------------------------------------------------------------------------
+
+MUST_MATCH_ON_RESUME = ("dataset", "setting", "num_prompts", "crop_size", "matching", "seed")
+
+
+def rng_state() -> dict:
+    """This process's random states, as tensors and plain lists (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+                numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                python=[version, list(internal), gauss_next])
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def check_resume(ckpt: dict, args, schedule: dict, path: str) -> None:
+    """A run continues only with the settings it started with: one message listing what differs."""
+    saved = ckpt["args"]
+    wrong = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})"
+             for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
+    wrong += [f"schedule {k} {ckpt['schedule'].get(k)} (now {v})" for k, v in schedule.items()
+              if k != "micro_batch" and ckpt["schedule"].get(k) != v]
+    if wrong:
+        sys.exit(f"error: --resume {path} was started with other settings: " + ", ".join(wrong))
+
+
+def save_checkpoint(path: str, model, optimizer, step: int, args, schedule: dict, extra: dict,
+                    master: bool, world_size: int) -> None:
+    """Every process contributes its random states; rank 0 writes the file atomically."""
+    states = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if master:
+        evaluate.atomic_save(dict(
+            format=evaluate.FORMAT, model=evaluate.trainable_state_dict(model),
+            optimizer=optimizer.state_dict(), step=step, rng=states, args=vars(args),
+            schedule=schedule, **extra), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def main(args) -> None:
+    rank, world_size, device = setup_distributed(args.device)
+    master = rank == 0
+    schedule = make_schedule(args)
+    iters = schedule["iters"]
+    preset = evaluate.dataset_preset(args.dataset, args.crop_size)
+    crop = preset["crop_size"]
+    window = evaluate.window_of(preset)
+    templates = preset["templates"][:args.num_prompts]
+    classes, unseen = list(preset["classes"]), list(preset["unseen"])
+    if args.setting == "inductive":  # text and labels for the seen classes only (FACTS 6)
+        train_classes = [c for k, c in enumerate(classes) if k not in unseen]
+    else:
+        train_classes = classes
+    accumulation = accumulation_steps(schedule["batch_size"], schedule["micro_batch"], world_size)
+    micro_batch = schedule["batch_size"] // (world_size * accumulation)
+
+    # Everything that can be wrong is checked before anything is written.
+    resume = evaluate.read_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        check_resume(resume, args, schedule, args.resume)
+    init = evaluate.read_checkpoint(args.init_from) if args.init_from and resume is None else None
+    if args.setting == "transductive" and args.init_from is None and resume is None:
+        print0("warning: the transductive setting starts from the inductive run's half-way checkpoint "
+               "(--init-from RUN/iter_HALF.pt); training from scratch instead")
+    torch.manual_seed(args.seed)  # the same initial prompts and head on every process
+    clip_model = evaluate.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
+    description = evaluate.describe_clip(clip_model, args.clip_weights)
+    model = OTSeg(clip_model, templates, matching=args.matching).to(device)
+    named = trainable_parameters(model)
+    params = [p for _, p in named]
+    for what, ckpt in (("--resume checkpoint", resume), ("--init-from checkpoint", init)):
+        if ckpt is not None:
+            evaluate.check_same_clip(ckpt["clip"], description, what)
+            evaluate.load_trainable(model, ckpt["model"], what)
+    try:
+        train_set = data.SegmentationDataset(preset, args.data_root, "train", args.setting,
+                                             transform=data.train_transform(preset))
+        val_set = (data.SegmentationDataset(preset, args.data_root, "val", args.setting,
+                                            transform=data.test_transform(preset)) if args.eval_every else None)
+    except data.DatasetError as error:
+        sys.exit(f"error: {error}")
+    if world_size > 1:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+    optimizer = torch.optim.AdamW(params, lr=schedule["lr"], betas=tuple(schedule["betas"]),
+                                  weight_decay=schedule["weight_decay"])
+    start_step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        start_step = resume["step"]
+    random.seed(args.seed + rank)  # dropout differs between processes; data randomness is per sample
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    if resume is not None:
+        if len(resume["rng"]) == world_size:
+            set_rng_state(resume["rng"][rank])
+        else:
+            print0(f"note: resuming with {world_size} processes instead of {len(resume['rng'])}: "
+                   "the same data, other dropout masks")
+
+    output_dir = args.output_dir or (os.path.dirname(args.resume) if args.resume
+                                     else os.path.join("runs", f"{args.dataset}-{args.setting}"))
+    extra = dict(clip=description, templates=templates, matching=args.matching, dataset=args.dataset,
+                 setting=args.setting, classes=classes, unseen=unseen, crop_size=crop,
+                 window={k: list(v) for k, v in window.items()})
+    log = None
+    if master:
+        os.makedirs(output_dir, exist_ok=True)
+        log = open(os.path.join(output_dir, "log.jsonl"), "a")
+        notes = []
+        if accumulation > 1:
+            notes.append(f"gradient accumulation: {accumulation} micro-steps of {micro_batch} images "
+                         f"on each of {world_size} processes make the global batch of {schedule['batch_size']}")
+        start = dict(event="start", step=start_step, world_size=world_size, micro_batch=micro_batch,
+                     accumulation=accumulation, args=vars(args), schedule=schedule, clip=description,
+                     trainable_parameters=sum(p.numel() for p in params), notes=notes)
+        log.write(json.dumps(start) + "\n")
+        log.flush()
+        print0(f"OTSeg on {args.dataset} ({args.setting}): {len(train_classes)} training classes, "
+               f"{len(templates)} prompts, {len(train_set)} training images, {world_size} process(es)")
+        print0("schedule: " + ", ".join(f"{k} {v}" for k, v in schedule.items()))
+        print0(f"trainable parameters: {start['trainable_parameters']:,}; output: {output_dir}")
+        for note in notes:
+            print0("note: " + note)
+
+    sampler = GlobalBatchSampler(len(train_set), schedule["batch_size"], micro_batch, rank, world_size,
+                                 args.seed, start_step)
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(train_set, args.seed), batch_size=micro_batch, sampler=sampler,
+        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=data.seed_worker,
+        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+    forward = torch.compile(model) if args.compile else model
+    amp = evaluate.autocast(device, args.amp)
+    if args.amp and device.type != "cuda":
+        print0("note: --amp is for CUDA; training in fp32")
+    unseen_lookup = None
+    if args.setting == "transductive":
+        unseen_lookup = torch.zeros(256, dtype=torch.bool, device=device)
+        unseen_lookup[unseen] = True
+    half, best = iters // 2, -math.inf
+    stop = iters if args.stop_after is None else min(iters, start_step + args.stop_after)
+
+    model.train()
+    batches = iter(loader)
+    progress = tqdm(total=iters, initial=start_step, disable=not master, dynamic_ncols=True)
+    last_time, last_step = time.time(), start_step
+    for step in range(start_step, stop):
+        micro_batches = []
+        for _ in range(accumulation):
+            batch = next(batches)
+            micro_batches.append((batch["image"].to(device, non_blocking=True),
+                                  batch["label"].to(device, non_blocking=True)))
+        lr = learning_rate(step, schedule)
+        stats = train_step(forward, optimizer, micro_batches, train_classes, lr, params, world_size,
+                           amp, schedule, unseen_lookup)
+        done = step + 1
+        progress.update(1)
+        if done % args.log_every == 0 or done == stop:
+            values = stats.tolist()  # the one host synchronisation of a logged step
+            now = time.time()
+            speed = (done - last_step) / (now - last_time)
+            last_time, last_step = now, done
+            record = dict(step=done, lr=lr, loss=values[0], decoder_focal=values[1], decoder_dice=values[2],
+                          score_focal=values[3], score_dice=values[4], num_masks=values[5],
+                          it_per_s=speed, eta_s=(iters - done) / speed)
+            progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{lr:.2e}")
+            if master:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+        if args.eval_every and done % args.eval_every == 0:
+            results = evaluate.evaluate(model, val_set, classes, unseen, args.setting == "inductive",
+                                        window, device, args.amp, args.workers, progress=False)
+            model.train()
+            score = results["OTSeg+"]["hiou"] if unseen else results["OTSeg+"]["miou"]
+            if master:
+                summary = {name: {k: r[k] for k in ("miou_seen", "miou_unseen", "hiou", "miou")}
+                           for name, r in results.items()}
+                log.write(json.dumps(dict(event="eval", step=done, **summary)) + "\n")
+                log.flush()
+                progress.write(f"step {done}: " + json.dumps(summary))
+            if score > best:
+                best = score
+                save_checkpoint(os.path.join(output_dir, "best.pt"), model, optimizer, done, args,
+                                schedule, dict(extra, metrics=results), master, world_size)
+        if done == half:
+            save_checkpoint(os.path.join(output_dir, f"iter_{done}.pt"), model, optimizer, done, args,
+                            schedule, extra, master, world_size)
+        if done % args.save_every == 0 or done == stop:
+            save_checkpoint(os.path.join(output_dir, "ckpt.pt"), model, optimizer, done, args, schedule,
+                            extra, master, world_size)
+    progress.close()
+    if master:
+        print0(f"saved {os.path.join(output_dir, 'ckpt.pt')} at step {stop} of {iters}")
+        log.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -13,9 +13,9 @@ This file holds everything needed for that and nothing more:
   4. `freeze_except_prompts`, the preprocessing, and a small demonstration.
 
 `encode_image` and `encode_text` compute exactly what OpenAI's code computes (in fp32). `encode_dense` is
-OTSeg's image path (details of the authors' release, ../shared/reference/FACTS.md section 4): deep VPT,
-positional embedding resized to the grid of the input, last-layer tokens -> prompt_norm -> ln_post ->
-proj on every token; it returns the global embedding (B, C) and the pixel embeddings (B, C, h, w).
+OTSeg's image path, following the authors' release (FACTS section 4): deep VPT, positional embedding
+resized to the grid of the input, last-layer tokens -> prompt_norm -> ln_post -> proj on every token;
+it returns the global embedding (B, C) and the pixel embeddings (B, C, h, w), neither normalised.
 
 Letters in shape comments: B batch, L sequence length, W transformer width, T prompt tokens per layer,
 M = h*w patch tokens (h, w the patch grid), C embedding channels (512 for ViT-B/16), n texts.
@@ -442,7 +442,8 @@ def missing_weights_message(path: str) -> str:
     return (f"CLIP weights not found at {path}. Download OpenAI's ViT-B/16 (about 350 MB) from\n"
             f"    {WEIGHTS_URL}\n"
             f"(sha256 {WEIGHTS_SHA256}) and put it at {DEFAULT_WEIGHTS} (where OpenAI's own code keeps it), "
-            f"or pass its path with --clip-weights. `python -c \"import clip; clip.download()\"` does both.")
+            f"or pass its path (--clip-weights to train.py and evaluate.py, --weights to clip.py).\n"
+            f"`python -c \"import clip; clip.download()\"` downloads and checks it.")
 
 
 def load(path: str = DEFAULT_WEIGHTS, prompt_tokens: int = 0, image_size: int | tuple[int, int] | None = None,
@@ -525,25 +526,28 @@ def summary(args: dict) -> None:
     print(f"  image tower {image:>12,} parameters\n  text tower  {text:>12,} parameters (+ logit_scale)")
     for tokens, vpt in counts.items():
         trainable = freeze_except_prompts(vpt)
-        n = sum(p.numel() for name, p in vpt.named_parameters() if name in trainable)
-        print(f"  deep VPT with {tokens:>3} tokens per layer: {n:>10,} trainable ({', '.join(trainable)})")
+        n = sum(p.numel() for p in vpt.parameters() if p.requires_grad)
+        print(f"  deep VPT, {tokens:>3} prompt tokens per layer: {n:>10,} trainable parameters")
+    print(f"  (trainable: {', '.join(trainable)}; everything else frozen)")
 
 
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="CLIP summary and zero-shot classification of one image")
-    parser.add_argument("--weights", help="OpenAI's ViT-B-16.pt or a state dict (default: random ViT-B/16 sizes)")
-    parser.add_argument("--image", help="an image to classify (needs --weights)")
+    parser.add_argument("--weights", help=f"OpenAI's ViT-B-16.pt or a state dict (default: the summary of ViT-B/16 "
+                        f"without weights; with --image: {DEFAULT_WEIGHTS})")
+    parser.add_argument("--image", help="an image to classify zero-shot")
     parser.add_argument("--classes", default="cat,dog,car,tree", help="comma-separated class names")
     opts = parser.parse_args()
 
-    if opts.weights is None:
+    if opts.weights is None and opts.image is None:
         summary(VIT_B_16)
-        if opts.image:
-            sys.exit("--image needs --weights (random weights classify nothing); " + missing_weights_message(DEFAULT_WEIGHTS))
         sys.exit(0)
-    model = load(opts.weights)
+    try:
+        model = load(opts.weights or DEFAULT_WEIGHTS)
+    except FileNotFoundError as error:
+        sys.exit(str(error))
     summary(architecture(model.state_dict()))
     if opts.image:
         from PIL import Image

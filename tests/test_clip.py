@@ -139,6 +139,20 @@ def test_vpt_trainable_counts():
         assert len(names) == 6
 
 
+VIT_L_14 = dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12)
+
+
+@pytest.mark.parametrize("args", [clip.VIT_B_16, VIT_L_14, TINY], ids=["ViT-B/16", "ViT-L/14", "tiny"])
+def test_every_size_inferred_from_weights(args):
+    with torch.device("meta"):  # shapes only, no memory
+        state_dict = clip.CLIP(**args).state_dict()
+    assert clip.architecture(state_dict) == args
+    model = clip.build_model(state_dict, image_size=448)  # 448 is a multiple of 14 and 16
+    grid = 448 // args["vision_patch_size"]
+    assert model.visual.positional_embedding.shape == (1 + grid * grid, args["vision_width"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------

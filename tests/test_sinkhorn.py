@@ -1,5 +1,4 @@
 """Tests of sinkhorn.py against POT, against each other, and against identities that must hold."""
-import numpy as np
 import pytest
 import torch
 

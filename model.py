@@ -122,8 +122,8 @@ class OTSeg(nn.Module):
                     os.makedirs(self.text_cache_dir, exist_ok=True)
                     torch.save(embeddings, path + ".tmp")
                     os.replace(path + ".tmp", path)  # atomic: concurrent processes never read half a file
-            self._text_cache[key] = embeddings
-        return self._text_cache[key].to(device)
+            self._text_cache[key] = embeddings.to(device)
+        return self._text_cache[key].to(device)  # a no-op unless the model moved since
 
     @torch.no_grad()
     def _encode_texts(self, class_names: list[str]) -> torch.Tensor:

@@ -582,7 +582,8 @@ def hsv_to_rgb_uint8(hsv: torch.Tensor) -> torch.Tensor:
     tab = torch.stack([v, v * (1 - s), v * one_minus(s, f), v * one_minus(s, 1 - f)])   # (4, H, W)
     # For each of the 6 sectors of the hue circle, which entry of tab is r, g and b.
     order = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
-    rgb = torch.gather(tab, 0, order[sector.long() % 6].permute(2, 0, 1))   # (H, W, 3) -> (3, H, W)
+    index = order.t()[:, torch.fmod(sector, 6).long()]                 # (3, H, W): which tab entry is r, g, b
+    rgb = torch.gather(tab, 0, index)                                  # (3, H, W)
     return (rgb * 255).clamp(0, 255).to(torch.uint8)                   # float -> uint8 truncates
 
 

@@ -88,7 +88,6 @@ Run
         (statistics: images, pixel frequency per class, seen/unseen; a few augmented samples as PNGs)
 """
 import argparse
-import math
 import os
 import random
 from pathlib import Path
@@ -397,7 +396,7 @@ def read_image(path: str) -> torch.Tensor:
         with Image.open(path) as img:
             array = np.asarray(img.convert('RGB'))   # convert() forces the full decode
     except FileNotFoundError:
-        raise DatasetError(f"image {path} not found: is the dataset complete? (the split file lists it)")
+        raise DatasetError(f"image {path} not found: is the dataset complete? (the split file lists it)") from None
     except (OSError, ValueError) as err:              # PIL.UnidentifiedImageError is an OSError
         raise DatasetError(f"cannot read image {path} ({err}): the file is corrupt or truncated; "
                            "download it again or remove its name from the split") from err
@@ -413,7 +412,8 @@ def read_label(path: str) -> torch.Tensor:
                                    "index PNGs (palette or grayscale), as written by the standard preparation")
             array = np.asarray(img)
     except FileNotFoundError:
-        raise DatasetError(f"label {path} not found: every image needs a label PNG; check the preparation step")
+        raise DatasetError(f"label {path} not found: every image needs a label PNG; "
+                           "check the preparation step") from None
     except DatasetError:
         raise
     except (OSError, ValueError) as err:
@@ -424,7 +424,8 @@ def read_label(path: str) -> torch.Tensor:
 
 
 def resolve_root(preset: dict, root: str) -> Path:
-    """The dataset folder: `root` itself, or root/<preset folder> when that exists (e.g. data/ -> data/VOCdevkit/VOC2012)."""
+    """The dataset folder: `root` itself, or root/<preset folder> when that exists
+    (data/ -> data/VOCdevkit/VOC2012)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data root {root} does not exist ({preset['name']}: {preset['help']}; or write a "
@@ -705,6 +706,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: str | dict, root: str, split: str = 'train', setting: str = 'inductive',
                  transform=None):
         self.preset = get_preset(dataset)
+        if setting not in ('inductive', 'transductive', 'fully'):
+            raise ValueError(f"setting must be 'inductive', 'transductive' or 'fully', not {setting!r}")
         self.split, self.setting = split, setting
         self.root = resolve_root(self.preset, root)
         self.samples = list_samples(self.preset, self.root, split)
@@ -724,13 +727,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The raw sample: image uint8 (3, H, W), label uint8 (H, W) over all classes (after reduction)."""
-        image_path, label_path, _ = self.samples[index]
-        image, label = read_image(image_path), read_label(label_path)
-        if image.shape[-2:] != label.shape:
-            raise DatasetError(f"image {image_path} is {tuple(image.shape[-2:])} but its label {label_path} is "
-                               f"{tuple(label.shape)}: the label belongs to another image; prepare it again")
+    def load_label(self, index: int) -> torch.Tensor:
+        """The label of a sample, uint8 (H, W) over all classes (after reduction), its values checked."""
+        label_path = self.samples[index][1]
+        label = read_label(label_path)
         bad = (label > self.max_label) & (label != IGNORE_INDEX)
         if bad.any():
             values = sorted(set(label[bad].tolist()))[:8]
@@ -739,6 +739,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
                                f"annotation ({self.preset['help']})")
         if self.reduce_table is not None:
             label = self.reduce_table[label.long()].to(torch.uint8)
+        return label
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw sample: image uint8 (3, H, W), label uint8 (H, W) over all classes (after reduction)."""
+        image_path, label_path, _ = self.samples[index]
+        image, label = read_image(image_path), self.load_label(index)
+        if image.shape[-2:] != label.shape:
+            raise DatasetError(f"image {image_path} is {tuple(image.shape[-2:])} but its label {label_path} is "
+                               f"{tuple(label.shape)}: the label belongs to another image; prepare it again")
         return image, label
 
     def __getitem__(self, index: int) -> dict:
@@ -770,7 +779,8 @@ def prepare_coco_stuff(root: str) -> int:
     for split in ('train2017', 'val2017'):
         folder = Path(root) / 'annotations' / split
         if not folder.is_dir():
-            raise DatasetError(f"{folder} not found: unpack stuffthingmaps_trainval2017.zip into {Path(root) / 'annotations'}")
+            raise DatasetError(f"{folder} not found: unpack stuffthingmaps_trainval2017.zip into "
+                               f"{Path(root) / 'annotations'}")
         for path in sorted(folder.glob('*.png')):
             if path.name.endswith('_labelTrainIds.png'):
                 continue
@@ -821,7 +831,7 @@ def check_context(root: str) -> dict:
     for split in ('train', 'val'):
         dataset = SegmentationDataset('context', root, split, 'fully')
         for index in range(len(dataset)):
-            dataset.load(index)               # raises on a missing, unreadable or out-of-range label
+            dataset.load_label(index)         # raises on a missing, unreadable or out-of-range label
         counts[split] = len(dataset)
     return counts
 
@@ -897,16 +907,15 @@ def make_fake_dataset(dataset: str | dict, root: str, num_train: int = 4, num_va
 # Statistics and a look at the augmented samples: python data.py --dataset voc --data-root DIR
 # ----------------------------------------------------------------------------------------------
 
-def class_statistics(dataset: SegmentationDataset, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def class_statistics(dataset: SegmentationDataset,
+                     max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Pixels and images per class over all classes (after label reduction, before any remap), and the
     number of ignored pixels, from the raw labels of the first max_images samples."""
     num_classes = len(dataset.preset['classes'])
     pixels = torch.zeros(num_classes + 1, dtype=torch.long)   # the last bin counts ignored pixels
     images = torch.zeros(num_classes + 1, dtype=torch.long)
     for index in range(min(len(dataset), max_images or len(dataset))):
-        label = read_label(dataset.samples[index][1])
-        if dataset.reduce_table is not None:
-            label = dataset.reduce_table[label.long()]
+        label = dataset.load_label(index)
         counts = torch.bincount(label.long().flatten().clamp(max=num_classes), minlength=num_classes + 1)
         pixels += counts
         images += counts > 0
@@ -971,7 +980,8 @@ def main() -> None:
     elif args.prepare_coco:
         print('wrote', prepare_coco_stuff(args.prepare_coco), 'label files')
     elif args.prepare_voc_aug:
-        print('aug.txt: %d names, trainaug.txt: %d names (the real data: 9118, 10582)' % prepare_voc_aug(*args.prepare_voc_aug))
+        aug, trainaug = prepare_voc_aug(*args.prepare_voc_aug)
+        print(f'aug.txt: {aug} names, trainaug.txt: {trainaug} names (the real data: 9118, 10582)')
     elif args.check_context:
         print('PASCAL Context labels look right:', check_context(args.check_context), '(the real data: 4996 / 5104)')
     elif args.data_root:

@@ -519,8 +519,10 @@ def efficiency_table(model: OTSeg, class_names: list[str], crop: int, device: to
                      iters: int, amp: bool) -> str:
     """Table 3's columns for MPSA and for the softmax matching, on one crop-sized image."""
     images = torch.randn(1, 3, crop, crop, device=device)
+    model.text_embeddings(class_names)  # cached before counting: the text tower runs once per class list
     softmax = OTSeg(model.clip, model.templates, matching="softmax").to(device).eval()
     load_trainable(softmax, trainable_state_dict(model), "the MPSA model")  # same parameters
+    softmax.text_embeddings(class_names)
     rows = [f"{'matching':28s} {'learnable (M)':>13s} {'release count (M)':>17s} {'GMACs paper':>11s} "
             f"{'GFLOPs full':>11s} {'images/s':>9s}"]
     for name, m in (("OTSeg+ (MPSA, Sinkhorn)", model.eval()), ("softmax cross-attention", softmax)):

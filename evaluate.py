@@ -98,8 +98,8 @@ def segmentation_metrics(conf: torch.Tensor, unseen: list[int]) -> dict:
     """Confusion matrix (K, K) -> per-class IoU, mIoU(S), mIoU(U), hIoU, mIoU, pixel accuracy (in %).
 
     IoU is NaN for a class with no pixel in the labels nor in the predictions (MMSegmentation), and
-    the means skip NaNs. With no unseen class (fully supervised over all, cross-dataset), mIoU(U)
-    and hIoU are NaN and the headline is mIoU.
+    the means skip NaNs. With no unseen class (cross-dataset), mIoU(U) and hIoU are NaN and the
+    headline is mIoU. Fully supervised models are still scored over the zero-shot split.
     """
     conf = conf.double().cpu()
     intersection = conf.diag()
@@ -121,9 +121,9 @@ def segmentation_metrics(conf: torch.Tensor, unseen: list[int]) -> dict:
 
 def harmonic_iou(seen: float, unseen: float) -> float:
     """hIoU = 2 S U / (S + U), the paper's primary metric (NaN when either side is missing)."""
-    if math.isnan(seen) or math.isnan(unseen) or seen + unseen == 0:
-        return float("nan") if (math.isnan(seen) or math.isnan(unseen)) else 0.0
-    return 2 * seen * unseen / (seen + unseen)
+    if seen + unseen == 0:
+        return 0.0
+    return 2 * seen * unseen / (seen + unseen)  # NaN in, NaN out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,16 +287,22 @@ def describe_clip(clip_model: clip.CLIP, weights: str) -> dict:
                 weights=weights, fingerprint=hashlib.sha256(conv.numpy().tobytes()).hexdigest()[:16])
 
 
-def check_same_clip(saved: dict, built: dict, what: str) -> None:
-    """Exit with one clear message if `what` was trained on another CLIP or number of prompt tokens."""
+def check_same_clip(saved: dict, built: dict, what: str, strict: bool = False) -> None:
+    """Exit with one clear message if `what` was trained on another CLIP or number of prompt tokens.
+
+    Other frozen weights of the same sizes are a warning, or with `strict` (resuming) an error.
+    """
     keys = [k for k in saved if k not in ("image_resolution", "weights", "fingerprint")]
     wrong = [f"{k} {saved[k]} (this CLIP: {built.get(k)})" for k in keys if saved[k] != built.get(k)]
     if wrong:
         sys.exit(f"error: {what} was trained with another CLIP: " + ", ".join(wrong)
                  + f". It was trained with --clip-weights {saved['weights']}.")
     if saved["fingerprint"] != built["fingerprint"]:
-        print0(f"warning: {what} was trained with CLIP weights {saved['weights']}, whose frozen weights "
-               f"differ from {built['weights']}: its numbers will not be reproduced")
+        message = (f"{what} was trained with CLIP weights {saved['weights']}, whose frozen weights differ "
+                   f"from those of {built['weights']}")
+        if strict:
+            sys.exit(f"error: {message}")
+        print0(f"warning: {message}: its numbers will not be reproduced")
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -673,6 +679,17 @@ def segment_image(model: OTSeg, path: str, class_names: list[str], preset: dict,
 # main
 # ----------------------------------------------------------------------------------------------
 
+def without_nan(x):
+    """NaN (the IoU of a class absent from labels and predictions) -> None, so the JSON is standard."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: without_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [without_nan(v) for v in x]
+    return x
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate OTSeg (see the module docstring for commands)")
     parser.add_argument("--checkpoint", help="a checkpoint of train.py, or the release's .pth (see --source)")
@@ -777,7 +794,7 @@ def main(args) -> None:
                       classes=class_names, unseen=unseen, window=window, results=results)
         tmp = f"{out}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(without_nan(report), f, indent=1)
         os.replace(tmp, out)
         print0(f"wrote {out}")
     if world_size > 1:

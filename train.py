@@ -363,9 +363,9 @@ def main(args) -> None:
     model = OTSeg(clip_model, templates, matching=args.matching).to(device)
     named = trainable_parameters(model)
     params = [p for _, p in named]
-    for what, ckpt in (("--resume checkpoint", resume), ("--init-from checkpoint", init)):
+    for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
         if ckpt is not None:
-            evaluate.check_same_clip(ckpt["clip"], description, what)
+            evaluate.check_same_clip(ckpt["clip"], description, what, strict=ckpt is resume)
             evaluate.load_trainable(model, ckpt["model"], what)
     try:
         train_set = data.SegmentationDataset(preset, args.data_root, "train", args.setting,

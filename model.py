@@ -80,11 +80,13 @@ class OTSeg(nn.Module):
         templates: the N prompt templates, e.g. "a photo of a {}." (data.TEMPLATES).
         matching: "sinkhorn" (OTSeg) or "softmax" (the Table 5(b) baseline).
         eps, n_iters, tol: Sinkhorn's (sinkhorn.mps), for both MPS and MPSA.
+        implicit_grad: differentiate the converged transport plans instead of the unrolled Sinkhorn
+            iterations (less training memory; off by default, as the release).
         text_cache_dir: where to keep text embeddings across runs (None: memory only).
     """
 
     def __init__(self, clip_model: CLIP, templates: list[str], matching: str = "sinkhorn",
-                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
+                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False,
                  text_cache_dir: str | None = None):
         super().__init__()
         if matching not in MATCHINGS:
@@ -93,11 +95,11 @@ class OTSeg(nn.Module):
         freeze_except_prompts(clip_model)  # frozen CLIP, text tower included; prompts train
         self.templates = list(templates)
         self.matching = matching
-        self.eps, self.n_iters, self.tol = eps, n_iters, tol
+        self.eps, self.n_iters, self.tol, self.implicit_grad = eps, n_iters, tol, implicit_grad
         dim = clip_model.text_projection.shape[1]  # C: 512 for ViT-B/16, 768 for ViT-L/14
         self.relationship_descriptor = nn.Linear(2 * dim, dim)
         self.decoder = MPSADecoder(dim, num_layers=3, ffn_dim=4 * dim, dropout=0.1, matching=matching,
-                                   num_heads=8, eps=eps, n_iters=n_iters, tol=tol)
+                                   num_heads=8, eps=eps, n_iters=n_iters, tol=tol, implicit_grad=implicit_grad)
         self.text_cache_dir = text_cache_dir
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}  # not state: rebuilt from the text tower
         self._text_digest: str | None = None
@@ -164,7 +166,8 @@ class OTSeg(nn.Module):
         # Score-map path (Eq. 8-10): cosine similarities refined by the transport plan.
         sim = torch.einsum("bmc,bknc->bkmn", pixels, F.normalize(queries, dim=-1))  # (B, K, M, N)
         if self.matching == "sinkhorn":
-            score = mps(sim, eps=self.eps, n_iters=self.n_iters, tol=self.tol)  # (B, K, M)
+            score = mps(sim, eps=self.eps, n_iters=self.n_iters, tol=self.tol,
+                        implicit_grad=self.implicit_grad)  # (B, K, M)
         else:
             score = sim.sum(dim=-1)  # (B, K, M): the baseline, prompts summed without transport
 

@@ -51,12 +51,16 @@ MATCHINGS = ("sinkhorn", "softmax")
 # ----------------------------------------------------------------------------------------------
 
 def sinkhorn_matching(q: torch.Tensor, k: torch.Tensor, eps: float = 0.05, n_iters: int = 100,
-                      tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """MPSA's matching. q (B, K, N, C), k (B, M, C) -> mask logits (B, K, M), plan (B, K, M, N)."""
+                      tol: float = 1e-6, implicit_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MPSA's matching. q (B, K, N, C), k (B, M, C) -> mask logits (B, K, M), plan (B, K, M, N).
+
+    `implicit_grad=True` differentiates the converged plan instead of the unrolled iterations
+    (`sinkhorn.sinkhorn_log`): less training memory, not the release's gradient."""
     q = F.normalize(q, dim=-1)
     k = F.normalize(k, dim=-1)
     sim = torch.einsum("bknc,bmc->bkmn", q, k)  # (B, K, M, N) cosine similarities
-    return mps(sim, eps=eps, n_iters=n_iters, tol=tol, return_plan=True)  # (B, K, M), (B, K, M, N)
+    return mps(sim, eps=eps, n_iters=n_iters, tol=tol, return_plan=True,
+               implicit_grad=implicit_grad)  # (B, K, M), (B, K, M, N)
 
 
 def softmax_mask_logits(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -99,7 +103,7 @@ class MultiPromptAttention(nn.Module):
 
     def __init__(self, dim: int, matching: str = "sinkhorn", num_heads: int = 8,
                  dropout: float = 0.1, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
-                 mask_only: bool = False):
+                 implicit_grad: bool = False, mask_only: bool = False):
         super().__init__()
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -108,7 +112,7 @@ class MultiPromptAttention(nn.Module):
         self.matching = matching
         self.num_heads = num_heads
         self.dropout = dropout  # on the attention weights, as the release's attn_drop 0.1
-        self.eps, self.n_iters, self.tol = eps, n_iters, tol
+        self.eps, self.n_iters, self.tol, self.implicit_grad = eps, n_iters, tol, implicit_grad
         self.mask_only = mask_only
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -122,7 +126,7 @@ class MultiPromptAttention(nn.Module):
         q = self.q_proj(queries)  # (B, K, N, C)
         k = self.k_proj(memory)  # (B, M, C)
         if self.matching == "sinkhorn":
-            mask, plan = sinkhorn_matching(q, k, self.eps, self.n_iters, self.tol)
+            mask, plan = sinkhorn_matching(q, k, self.eps, self.n_iters, self.tol, self.implicit_grad)
         else:
             mask = softmax_mask_logits(q, k, self.num_heads)
         if self.mask_only:
@@ -146,11 +150,12 @@ class MPSADecoderLayer(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int = 2048, dropout: float = 0.1,
                  matching: str = "sinkhorn", num_heads: int = 8, eps: float = 0.05,
-                 n_iters: int = 100, tol: float = 1e-6, mask_only: bool = False):
+                 n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False,
+                 mask_only: bool = False):
         super().__init__()
         self.cross_attn = MultiPromptAttention(dim, matching=matching, num_heads=num_heads,
                                                dropout=dropout, eps=eps, n_iters=n_iters, tol=tol,
-                                               mask_only=mask_only)
+                                               implicit_grad=implicit_grad, mask_only=mask_only)
         self.mask_only = mask_only
         if not mask_only:
             self.norm2 = nn.LayerNorm(dim)
@@ -187,17 +192,19 @@ class MPSADecoder(nn.Module):
         matching: "sinkhorn" (MPSA) or "softmax" (the baseline; same parameters).
         num_heads: heads of the softmax matching (MPSA is single-head: the prompts are its heads).
         eps, n_iters, tol: Sinkhorn's, as in `sinkhorn.mps`.
+        implicit_grad: differentiate the converged plans instead of the unrolled iterations
+            (`sinkhorn.sinkhorn_log`; saves training memory; off, as the release).
     """
 
     def __init__(self, dim: int = 512, num_layers: int = 3, ffn_dim: int = 2048,
                  dropout: float = 0.1, matching: str = "sinkhorn", num_heads: int = 8,
-                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6):
+                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False):
         super().__init__()
         # PyTorch's default init everywhere: the release defines a weight init but never runs it.
         self.layers = nn.ModuleList(
             MPSADecoderLayer(dim, ffn_dim=ffn_dim, dropout=dropout, matching=matching,
                              num_heads=num_heads, eps=eps, n_iters=n_iters, tol=tol,
-                             mask_only=(i == num_layers - 1))
+                             implicit_grad=implicit_grad, mask_only=(i == num_layers - 1))
             for i in range(num_layers))
 
     def forward(self, queries: torch.Tensor,

@@ -159,3 +159,20 @@ def test_layer_is_post_norm_without_self_attention():
     x = F.layer_norm(x + F.linear(hidden, layer.linear2.weight, layer.linear2.bias), (C,),
                      layer.norm3.weight, layer.norm3.bias)
     assert_close(layer(queries, memory)[0], x)
+
+
+def test_implicit_gradient_matches_unrolled_gradient_at_convergence():
+    # With the plans converged (many iterations, no early stop), differentiating the fixed point
+    # (implicit_grad) must give the unrolled loop's gradient for every parameter of the decoder.
+    torch.manual_seed(0)
+    C = 16
+    grads = {}
+    for implicit in (False, True):
+        torch.manual_seed(0)
+        decoder = MPSADecoder(dim=C, ffn_dim=2 * C, dropout=0.0, n_iters=400, tol=0.0,
+                              implicit_grad=implicit).double()
+        queries, memory = inputs(2, 2, 3, 12, C)
+        D, _ = decoder(queries.double(), memory.double())
+        D.pow(2).sum().backward()
+        grads[implicit] = torch.cat([p.grad.flatten() for p in decoder.parameters()])
+    assert_close(grads[True], grads[False], atol=1e-8, rtol=1e-6)

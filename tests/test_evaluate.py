@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import clip
 import data
 import evaluate
 from model import OTSeg, trainable_parameters
+from mpsa import MPSADecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -226,7 +228,15 @@ def test_paper_macs_count_linear_and_conv_outside_clip_attention(checkpoint):
     assert macs == expected, (macs, expected)
     assert evaluate.full_flops(model, torch.randn(1, 3, 64, 64), names) > 2 * macs  # attention counted
     table = evaluate.efficiency_table(model, names, 64, CPU, iters=1, amp=False)
-    assert "OTSeg+ (MPSA, Sinkhorn)" in table and "softmax cross-attention" in table
+    assert "OTSeg+ (MPSA)" in table and "softmax cross-attention" in table
+
+
+def test_release_overheads_are_the_papers_13_8m():
+    head = SimpleNamespace(relationship_descriptor=torch.nn.Linear(1024, 512), decoder=MPSADecoder(512))
+    parameters, macs = evaluate.release_overheads(head, num_queries=20 * 6, num_pixels=32 * 32)
+    assert parameters == 3_154_944 + 2_627_072  # FACTS 3: self-attention + the last layer's unused weights
+    assert 8_039_168 + parameters == pytest.approx(13.8e6, abs=0.05e6)
+    assert macs == 32 * 32 * 512 * 512 + 120 * 512 * 512 + 2 * 120 * 512 * 2048  # ~0.55 G: 61.3 -> 61.9
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
+from torchvision import tv_tensors
 
 import clip
 import data
@@ -617,8 +618,8 @@ def prompt_score_maps(model: OTSeg, images: torch.Tensor, class_names: list[str]
 
 def visualize(model: OTSeg, dataset, class_names: list[str], unseen: list[int], calibrate: bool,
               window: dict, out_dir: str, count: int, device: torch.device) -> list[str]:
-    """For `count` images: image | ground truth | OTSeg+ prediction, and the per-prompt score maps
-    of the largest class in the image, without MPS (left column) and with MPS (right column)."""
+    """For `count` images: image | ground truth | OTSeg+ prediction, and the per-prompt score maps of
+    the image's largest class in its first window, without MPS (left column) and with MPS (right)."""
     os.makedirs(out_dir, exist_ok=True)
     seen = None
     if calibrate:
@@ -632,13 +633,13 @@ def visualize(model: OTSeg, dataset, class_names: list[str], unseen: list[int], 
         probs = slide_inference(predict, image, window["crop"], window["stride"])["OTSeg+"]
         pred = F.interpolate(probs[None], size=label.shape, mode="bilinear", align_corners=False)[0].argmax(0)
         picture = denormalize(image).resize(label.shape[::-1], Image.BILINEAR)
-        present = sorted(set(label.unique().tolist()) | set(pred.unique().tolist()) - {IGNORE_INDEX})
+        present = sorted((set(label.unique().tolist()) | set(pred.unique().tolist())) - {IGNORE_INDEX})
         panels = [picture, colourize(label), colourize(pred)]
         strip = Image.new("RGB", (sum(p.width for p in panels) + 10 * len(panels), picture.height), "white")
         for i, p in enumerate(panels):
             strip.paste(p, (i * (p.width + 10), 0))
         path = os.path.join(out_dir, f"{sample['name']}_prediction.png")
-        with_legend(strip, class_names, [k for k in present if k != IGNORE_INDEX]).save(path)
+        with_legend(strip, class_names, present).save(path)
         written.append(path)
 
         counts = torch.bincount(label[label < len(class_names)].flatten(), minlength=len(class_names))
@@ -646,24 +647,32 @@ def visualize(model: OTSeg, dataset, class_names: list[str], unseen: list[int], 
         crop = window["crop"]
         windows = F.pad(image, (0, max(crop[1] - image.shape[2], 0), 0, max(crop[0] - image.shape[1], 0)))
         plain, refined = prompt_score_maps(model, windows[None, :, :crop[0], :crop[1]], class_names)
-        size = (crop[1] // 2, crop[0] // 2)  # each map drawn at half the window size
-        tiles = [[heatmap(m[0, k, n]).resize(size, Image.NEAREST) for m in (plain, refined)]
-                 for n in range(plain.shape[2])]
-        grid = Image.new("RGB", (2 * size[0] + 10, len(tiles) * (size[1] + 4)), "white")
-        for n, (left, right) in enumerate(tiles):
-            grid.paste(left, (0, n * (size[1] + 4)))
-            grid.paste(right, (size[0] + 10, n * (size[1] + 4)))
         path = os.path.join(out_dir, f"{sample['name']}_prompts_{class_names[k].replace(' ', '_')}.png")
-        grid.save(path)
+        prompt_grid(plain[0, k], refined[0, k], model.templates, class_names[k]).save(path)
         written.append(path)
     return written
+
+
+def prompt_grid(plain: torch.Tensor, refined: torch.Tensor, templates: list[str], name: str) -> Image.Image:
+    """(N, h, w) maps of one class: a row per prompt, cosine S^i on the left, after MPS on the right."""
+    font = ImageFont.load_default()
+    tile, label_width, top = 96, 180, 18
+    grid = Image.new("RGB", (label_width + 2 * (tile + 6), top + len(templates) * (tile + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((label_width, 2), "cosine S^i", fill="black", font=font)
+    draw.text((label_width + tile + 6, 2), "with MPS", fill="black", font=font)
+    for n, template in enumerate(templates):
+        y = top + n * (tile + 4)
+        draw.text((2, y + tile // 2 - 6), template.format(name)[:30], fill="black", font=font)
+        for column, maps in enumerate((plain, refined)):
+            grid.paste(heatmap(maps[n]).resize((tile, tile), Image.NEAREST), (label_width + column * (tile + 6), y))
+    return grid
 
 
 @torch.no_grad()
 def segment_image(model: OTSeg, path: str, class_names: list[str], preset: dict, window: dict,
                   device: torch.device, out_path: str) -> str:
     """Segment any image with any class names (OTSeg+, no calibration) and save it with a legend."""
-    from torchvision import tv_tensors
     try:
         picture = Image.open(path).convert("RGB")
     except OSError as error:
@@ -754,6 +763,8 @@ def main(args) -> None:
         if rank == 0:
             atomic_save(ckpt, args.convert)
         print0(f"wrote {args.convert}")
+        if not (args.efficiency or args.image or args.data_root):
+            return
     model = build_model_from_checkpoint(ckpt, args.clip_weights, device)
 
     dataset_name = args.dataset or ckpt["dataset"]
@@ -777,7 +788,7 @@ def main(args) -> None:
         if rank == 0:
             print0(f"wrote {segment_image(model, args.image, names, target, window, device, out)}")
     if args.data_root is None:
-        if not (args.efficiency or args.image or args.convert):
+        if not (args.efficiency or args.image):
             sys.exit("error: --data-root is needed to score a dataset")
         return
     try:

@@ -718,7 +718,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--setting", default=None, choices=["inductive", "transductive", "fully"],
                         help="release checkpoints only: its training setting (decides the calibration)")
     parser.add_argument("--convert", metavar="OUT", help="write the (release) checkpoint in this project's format")
-    parser.add_argument("--crop-size", type=int, default=None, help="override the preset's sizes (small tests)")
+    parser.add_argument("--crop-size", type=int, default=None,
+                        help="override the preset's sizes (default: as the checkpoint's training run)")
     parser.add_argument("--output-json", default=None, help="default: CHECKPOINT_DIR/eval_DATASET.json")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (Sinkhorn stays fp32)")
@@ -769,7 +770,8 @@ def main(args) -> None:
 
     dataset_name = args.dataset or ckpt["dataset"]
     cross = dataset_name != ckpt["dataset"]
-    target = dataset_preset(dataset_name, args.crop_size)
+    crop_size = args.crop_size or (ckpt.get("args") or {}).get("crop_size")  # a small run's sizes
+    target = dataset_preset(dataset_name, crop_size)
     window = {k: tuple(v) for k, v in ckpt["window"].items()}  # the source model's (the release does so)
     class_names = list(target["classes"])  # the target's names (the release's cross-dataset bug used the source's)
     unseen = [] if cross else list(target["unseen"])

@@ -340,6 +340,8 @@ def main(args) -> None:
     preset = evaluate.dataset_preset(args.dataset, args.crop_size)
     crop = preset["crop_size"]
     window = evaluate.window_of(preset)
+    if args.num_prompts is not None and not 1 <= args.num_prompts <= len(preset["templates"]):
+        sys.exit(f"error: --num-prompts must be 1..{len(preset['templates'])} for {args.dataset}")
     templates = preset["templates"][:args.num_prompts]
     classes, unseen = list(preset["classes"]), list(preset["unseen"])
     if args.setting == "inductive":  # text and labels for the seen classes only (FACTS 6)
@@ -361,8 +363,7 @@ def main(args) -> None:
     clip_model = evaluate.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
     description = evaluate.describe_clip(clip_model, args.clip_weights)
     model = OTSeg(clip_model, templates, matching=args.matching).to(device)
-    named = trainable_parameters(model)
-    params = [p for _, p in named]
+    params = [p for _, p in trainable_parameters(model)]
     for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
         if ckpt is not None:
             evaluate.check_same_clip(ckpt["clip"], description, what, strict=ckpt is resume)
@@ -379,10 +380,10 @@ def main(args) -> None:
             dist.broadcast(p.data, src=0)
     optimizer = torch.optim.AdamW(params, lr=schedule["lr"], betas=tuple(schedule["betas"]),
                                   weight_decay=schedule["weight_decay"])
-    start_step = 0
+    start_step, best = 0, -math.inf  # best: hIoU of best.pt with --eval-every
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        start_step = resume["step"]
+        start_step, best = resume["step"], resume.get("best", -math.inf)
     random.seed(args.seed + rank)  # dropout differs between processes; data randomness is per sample
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -432,7 +433,7 @@ def main(args) -> None:
     if args.setting == "transductive":
         unseen_lookup = torch.zeros(256, dtype=torch.bool, device=device)
         unseen_lookup[unseen] = True
-    half, best = iters // 2, -math.inf
+    half = iters // 2
     stop = iters if args.stop_after is None else min(iters, start_step + args.stop_after)
 
     model.train()
@@ -476,13 +477,13 @@ def main(args) -> None:
             if score > best:
                 best = score
                 save_checkpoint(os.path.join(output_dir, "best.pt"), model, optimizer, done, args,
-                                schedule, dict(extra, metrics=results), master, world_size)
+                                schedule, dict(extra, best=best, metrics=results), master, world_size)
         if done == half:
             save_checkpoint(os.path.join(output_dir, f"iter_{done}.pt"), model, optimizer, done, args,
-                            schedule, extra, master, world_size)
+                            schedule, dict(extra, best=best), master, world_size)
         if done % args.save_every == 0 or done == stop:
             save_checkpoint(os.path.join(output_dir, "ckpt.pt"), model, optimizer, done, args, schedule,
-                            extra, master, world_size)
+                            dict(extra, best=best), master, world_size)
     progress.close()
     if master:
         print0(f"saved {os.path.join(output_dir, 'ckpt.pt')} at step {stop} of {iters}")

@@ -739,6 +739,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> None:
     rank, world_size, device = setup_distributed(args.device)
+    run(args, rank, device)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def run(args, rank: int, device: torch.device) -> None:
+    """Everything evaluate.py does, in the order of its options."""
     if args.checkpoint is None:
         if not args.efficiency:
             sys.exit("error: --checkpoint is needed (only --efficiency runs without one)")
@@ -816,8 +823,6 @@ def main(args) -> None:
             json.dump(without_nan(report), f, indent=1)
         os.replace(tmp, out)
         print0(f"wrote {out}")
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ a two-process torchrun run, and one clear error for each kind of bad input.
 
 Everything runs on the CPU with the small random CLIP ('random-tiny') and generated VOC-layout data.
 """
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,6 +149,22 @@ def test_accumulation_changes_nothing_and_loss_is_normalised_over_the_global_bat
     diff = max((a - b).abs().max() for a, b in zip(whole, direct))
     assert diff <= 1e-5 * scale, f"largest difference to loss / num_masks: {diff}"
     assert stats[5] == num_masks and stats[0] == pytest.approx(total.item(), rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_bf16_autocast_step_on_cuda_is_close_to_fp32(tiny_model):
+    model, images, labels, names = tiny_model
+    model = copy.deepcopy(model).cuda()
+    params = [p for _, p in trainable_parameters(model)]
+    batch = [(images.cuda(), labels.cuda())]
+    losses_by_precision = []
+    for amp in (False, True):
+        optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: both steps see the same weights
+        stats = train.train_step(model, optimizer, batch, names, 0.0, params, 1,
+                                 evaluate.autocast(torch.device("cuda"), amp), dict(train.SCHEDULE))
+        losses_by_precision.append(stats[0].item())
+    assert all(math.isfinite(x) for x in losses_by_precision)
+    assert losses_by_precision[1] == pytest.approx(losses_by_precision[0], rel=0.05), losses_by_precision
 
 
 def test_pseudo_labels_are_the_unseen_argmax_of_the_ensemble():

@@ -111,6 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--matching", default="sinkhorn", choices=["sinkhorn", "softmax"],
                        help="MPSA/MPS or the softmax baseline of Table 5(b)")
     group.add_argument("--prompt-tokens", type=int, default=None, help="VPT tokens per layer (preset: 10 or 100)")
+    group.add_argument("--implicit-grad", action="store_true",
+                       help="memory-light Sinkhorn backward through the converged plan (the release unrolls)")
     group = parser.add_argument_group("schedule overrides (default: the preset, see SCHEDULES)")
     group.add_argument("--iters", type=int, default=None, help="optimizer steps")
     group.add_argument("--batch-size", type=int, default=None, help="global batch (16)")
@@ -362,7 +364,7 @@ def main(args) -> None:
     torch.manual_seed(args.seed)  # the same initial prompts and head on every process
     clip_model = evaluate.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
     description = evaluate.describe_clip(clip_model, args.clip_weights)
-    model = OTSeg(clip_model, templates, matching=args.matching).to(device)
+    model = OTSeg(clip_model, templates, matching=args.matching, implicit_grad=args.implicit_grad).to(device)
     params = [p for _, p in trainable_parameters(model)]
     for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
         if ckpt is not None:

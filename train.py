@@ -148,7 +148,8 @@ print0 = evaluate.print0
 
 
 def accumulation_steps(batch_size: int, micro_batch: int, world_size: int) -> int:
-    """Fewest micro-steps A with batch_size = world_size * A * (images per micro-step) <= micro_batch."""
+    """Fewest micro-steps A such that every process's micro-batch, batch_size / (world_size * A), is a
+    whole number of at most micro_batch images."""
     if batch_size % world_size:
         sys.exit(f"error: the global batch {batch_size} is not divisible by the {world_size} processes")
     steps = math.ceil(batch_size / (world_size * micro_batch))
@@ -267,7 +268,8 @@ def train_step(model, optimizer, micro_batches: list, class_names: list[str], lr
     if world_size > 1:
         dist.all_reduce(flat)  # sums of gradients over processes ...
         dist.all_reduce(stats)  # ... and of losses and pair counts
-    flat /= stats[5].clamp(min=world_size)  # ... divided by the global batch's pairs (>= 1 per process)
+    # ... divided by the global batch's pairs: max(count, P) = P * max(count / P, 1), the release's clamp
+    flat /= stats[5].clamp(min=world_size)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
     for group in optimizer.param_groups:

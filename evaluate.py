@@ -599,17 +599,11 @@ def with_legend(picture: Image.Image, class_names: list[str], classes: list[int]
 def prompt_score_maps(model: OTSeg, images: torch.Tensor, class_names: list[str]):
     """Per-prompt maps of the score path: cosine similarities S^i without MPS and M N T S^i with it.
 
-    images (B, 3, H, W) -> two (B, K, N, h, w) tensors. The same steps as OTSeg.forward's score path.
+    images (B, 3, H, W) -> two (B, K, N, h, w) tensors, from the same steps as OTSeg.forward.
     """
-    text = model.text_embeddings(class_names)  # (K, N, C)
-    global_embedding, dense = model.clip.encode_dense(images)  # (B, C), (B, C, h, w)
-    B, C, h, w = dense.shape
-    K, N, _ = text.shape
-    g = F.normalize(global_embedding, dim=-1)
-    pixels = F.normalize(dense.flatten(2).transpose(1, 2), dim=-1)  # (B, M, C)
-    pairs = torch.cat([g[:, None, None, :] * text, text.expand(B, K, N, C)], dim=-1)  # (B, K, N, 2C)
-    queries = F.normalize(model.relationship_descriptor(pairs), dim=-1)  # (B, K, N, C)
-    sim = torch.einsum("bmc,bknc->bkmn", pixels, queries)  # (B, K, M, N)
+    pixels, queries, (h, w) = model.encode(images, class_names)  # (B, M, C), (B, K, N, C)
+    sim = model.prompt_similarities(pixels, queries)  # (B, K, M, N)
+    N = sim.shape[-1]
     _, plan = mps(sim, eps=model.eps, n_iters=model.n_iters, tol=model.tol, return_plan=True)
     refined = h * w * N * plan * sim  # (B, K, M, N): each prompt's share of the MPS score
     grid = lambda x: x.permute(0, 1, 3, 2).unflatten(-1, (h, w))  # (B, K, M, N) -> (B, K, N, h, w)

@@ -145,12 +145,9 @@ class OTSeg(nn.Module):
 
     # -------------------------------------------------------------------------- forward
 
-    def forward(self, images: torch.Tensor, class_names: list[str]) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W), H and W multiples of the patch size; K class names.
-
-        Returns dict(decoder=D, score=S): logits (B, K, H, W) of the decoder (MPSA) and score-map (MPS)
-        paths, upsampled to the input size.
-        """
+    def encode(self, images: torch.Tensor,
+               class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Steps 1-3: pixel embeddings v (B, M, C), queries q0 (B, K, N, C) and the patch grid (h, w)."""
         text = self.text_embeddings(class_names)  # (K, N, C)
         global_embedding, dense = self.clip.encode_dense(images)  # (B, C), (B, C, h, w)
         B, C, h, w = dense.shape
@@ -162,9 +159,23 @@ class OTSeg(nn.Module):
         text = text.to(g.dtype)
         pairs = torch.cat([g[:, None, None, :] * text, text.expand(B, K, N, C)], dim=-1)  # (B, K, N, 2C)
         queries = self.relationship_descriptor(pairs)  # (B, K, N, C)
+        return pixels, queries, (h, w)
+
+    @staticmethod
+    def prompt_similarities(pixels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Eq. 8: cosine similarity of every pixel with every (class, prompt) query, (B, K, M, N)."""
+        return torch.einsum("bmc,bknc->bkmn", pixels, F.normalize(queries, dim=-1))
+
+    def forward(self, images: torch.Tensor, class_names: list[str]) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W), H and W multiples of the patch size; K class names.
+
+        Returns dict(decoder=D, score=S): logits (B, K, H, W) of the decoder (MPSA) and score-map (MPS)
+        paths, upsampled to the input size.
+        """
+        pixels, queries, (h, w) = self.encode(images, class_names)
 
         # Score-map path (Eq. 8-10): cosine similarities refined by the transport plan.
-        sim = torch.einsum("bmc,bknc->bkmn", pixels, F.normalize(queries, dim=-1))  # (B, K, M, N)
+        sim = self.prompt_similarities(pixels, queries)  # (B, K, M, N)
         if self.matching == "sinkhorn":
             score = mps(sim, eps=self.eps, n_iters=self.n_iters, tol=self.tol,
                         implicit_grad=self.implicit_grad)  # (B, K, M)

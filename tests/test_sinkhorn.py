@@ -127,7 +127,8 @@ def test_mps_equal_prompts_give_sum_over_prompts():
 def release_sinkhorn(cost, eps, n_iters=100, tol=1e-6):
     """The release's rule, written independently: log domain, test every iteration (FACTS 2)."""
     m, n = cost.shape[-2:]
-    log_mu, log_nu = torch.tensor(1 / m).log(), torch.tensor(1 / n).log()
+    log_mu = torch.tensor(1 / m, dtype=cost.dtype).log()
+    log_nu = torch.tensor(1 / n, dtype=cost.dtype).log()
     u = cost.new_zeros(cost.shape[:-1])
     v = cost.new_zeros(cost.shape[:-2] + (n,))
     for it in range(n_iters):
@@ -193,3 +194,24 @@ def test_implicit_gradient_is_memory_light():
     assert implicit <= plan_bytes < 20 * plan_bytes <= unrolled, (implicit, plan_bytes, unrolled)
     with pytest.raises(ValueError):
         sinkhorn_log(cost, 0.05, a=torch.full((256,), 1 / 256, requires_grad=True), implicit_grad=True)
+
+
+def test_unrolled_gradient_matches_release_loop():
+    # Our scaled potentials f = u/eps, g = v/eps against the release's form of the loop (u, v in
+    # cost units, u + v added into every log-sum-exp): same plan and same unrolled gradient.
+    sim = otseg_like_sim(3, 40, 5).double().requires_grad_()
+    weights = torch.randn(3, 40, 5, dtype=torch.float64)  # a random upstream gradient dL/dT
+    ours = sinkhorn_log(1 - sim, 0.05, n_iters=15, tol=0)
+    release, _ = release_sinkhorn(1 - sim, 0.05, n_iters=15, tol=0)
+    assert_close(ours, release, 1e-12, "plan vs release loop")
+    grad_ours, = torch.autograd.grad((ours * weights).sum(), sim)
+    grad_release, = torch.autograd.grad((release * weights).sum(), sim)
+    assert_close(grad_ours, grad_release, 1e-10, "gradient vs autograd through the release loop")
+
+
+def test_float32_close_to_float64():
+    # The exponent A + f + g reaches C/eps = 40 here, so float32 rounding alone gives ~2e-6.
+    cost = 1 - otseg_like_sim(16, 256, 6)
+    plan32 = sinkhorn_log(cost, 0.05, n_iters=20, tol=0)
+    plan64 = sinkhorn_log(cost.double(), 0.05, n_iters=20, tol=0)
+    assert_close(plan32, plan64, 1e-5, "float32 vs float64")

@@ -20,6 +20,7 @@ measured on the same machine at the same time:
     python benchmark.py                     # everything (CPU: several minutes)
     python benchmark.py --only sinkhorn     # one table
     python benchmark.py --quick             # smaller, for a first look
+    python benchmark.py --threads 1         # steadier CPU timings on a machine shared with other jobs
 
 POT is a test-time dependency (`requirements-test.txt`); without it the POT rows are skipped.
 A CPU time is only indicative (and is quoted with the machine it ran on); the figures that count
@@ -350,8 +351,12 @@ def main() -> None:
                         help="run only these tables (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="smaller problems and fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (1 gives steadier timings on a shared machine)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     only = set(args.only or ["sinkhorn", "inference", "training"])
     print(f"torch {torch.__version__} on {machine(device)}")
     if "sinkhorn" in only:

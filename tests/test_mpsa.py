@@ -169,7 +169,7 @@ def test_implicit_gradient_matches_unrolled_gradient_at_convergence():
     grads = {}
     for implicit in (False, True):
         torch.manual_seed(0)
-        decoder = MPSADecoder(dim=C, ffn_dim=2 * C, dropout=0.0, n_iters=400, tol=0.0,
+        decoder = MPSADecoder(dim=C, ffn_dim=2 * C, dropout=0.0, n_iters=300, tol=0.0,
                               implicit_grad=implicit).double()
         queries, memory = inputs(2, 2, 3, 12, C)
         D, _ = decoder(queries.double(), memory.double())

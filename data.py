@@ -310,6 +310,28 @@ DATASETS = {
         window_crop=512, window_stride=426,
         help='see the data.py docstring: ADEChallengeData2016.zip, used as is',
     ),
+    # The synthetic world of shapes.py (the README's demo), in the simplest layout: folders, no split files.
+    'shapes': dict(
+        name='shapes world',
+        classes=['light red', 'dark red', 'light yellow', 'dark yellow', 'light green', 'dark green',
+                 'light blue', 'dark blue', 'light purple', 'dark purple'],   # the objects' colours
+        unseen=[2, 3, 8, 9],                 # light/dark yellow and purple: hues never seen in training
+        templates=['a photo of a {} shape.', 'a {} object.', 'a picture of a {} thing.', 'a {} shape.'],  # N = 4
+        folder=None,
+        splits={'train': [dict(images='images/train', labels='annotations/train')],
+                'val': [dict(images='images/val', labels='annotations/val')]},
+        sizes={},                            # as many scenes as written
+        image_suffix='.jpg', label_suffix='.png',
+        reduce_zero_label=True,              # PNG 0 = background -> 255, 1..10 -> 0..9
+        crop_size=64,                        # the whole 64x64 scene
+        train_scale=(64, 64),
+        ratio_range=(0.5, 2.0),              # the release's rescale range
+        cat_max_ratio=1.0,                   # no class limit: many scenes hold one object
+        test_short_side=64,
+        test_max_long_side=None,
+        window_crop=64, window_stride=64,    # one window per scene
+        help='write it with `python shapes.py world --root DIR` (or run the demo: `python shapes.py`)',
+    ),
 }
 
 # What a dict preset may leave out (the shapes demo, a user's own dataset): the common values above.

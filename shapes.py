@@ -1,0 +1,580 @@
+"""shapes.py -- the shapes world: zero-shot segmentation end to end on a laptop CPU, in minutes.
+
+Zero-shot segmentation works only if the encoders already know the unseen classes: OTSeg trains on masks
+of the seen classes and recognises the unseen ones because CLIP's pretraining tied their names to their
+looks. This chapter builds a small world where that can happen on a CPU, with this project's own code:
+
+ 1. The world. 64x64 scenes of 1-3 flat objects (six shapes; plain, striped or dotted) on a cloudy grey
+    background, with pixel labels and a caption naming each object ("a photo of a striped dark red star
+    and a light blue circle."). The classes are the objects' colours: five hues, each light or dark
+    (K = 10). Unseen: both shades of yellow and of purple, so training never shows OTSeg a yellow or
+    purple mask, nor those two words; what it knows of them comes from the tiny CLIP alone.
+    Colours, because a tiny CLIP learns them in CPU minutes (shapes would take hours). Light and dark,
+    because names that share words give the text embeddings a shared structure, as real CLIP's have:
+    with single-word colours, OTSeg's head (a linear map of the text embeddings, trained on the seen
+    classes only) carried over to the unseen colours for some splits and not for others. The hues are
+    60 degrees apart, so the training pipeline's hue jitter (+-36 degrees) rarely turns one into another.
+ 2. A tiny CLIP (clip.py's CLIP: ViT 4 x 64 on 8-pixel patches, text transformer 2 x 64, C = 64)
+    pretrained contrastively on fresh captioned scenes of every colour, unseen ones included: the
+    analogue of CLIP having seen every concept. Captions naming the same colours count as positives of
+    each other; a second term aligns the mean dense token with the caption, since OTSeg reads the dense
+    tokens. `python shapes.py pretrain` makes assets/shapes_clip.pt, command and seed stored inside.
+ 3. The demo, `python shapes.py`: writes the world in the simplest layout data.py reads
+    (images/{train,val}/*.jpg, annotations/{train,val}/*.png, the preset DATASETS['shapes']), runs
+    `train.py --dataset shapes` on the seen classes' masks (inductive) and `evaluate.py` on all classes,
+    for the Sinkhorn matching (OTSeg and OTSeg+) and the softmax matching, plus an honesty check: the same
+    OTSeg on a randomly initialised tiny CLIP, which knows nothing about yellow or purple. It prints the
+    table and where the pictures are.
+
+The checkpoint keeps only the rows of the 49,408-row token table that the world's words use (no other row
+ever received a gradient): 1.4 MB instead of 14. `clip_state_dict` rebuilds a plain CLIP state dict from
+it (the other rows zero), which clip.build_model and clip.load read.
+
+Notation: B batch, K classes, N prompts, M pixels (h*w tokens), C channels.
+Run: `python shapes.py` (the demo, about 4 minutes on 2 cores), `python shapes.py pretrain` (about 20
+minutes), `python shapes.py world --root DIR` (only the world).
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import evaluate
+from clip import CLIP, architecture, tokenize
+from data import DATASETS, SegmentationDataset, test_transform
+
+# ----------------------------------------------------------------------------------------------
+# 1. The world
+# ----------------------------------------------------------------------------------------------
+
+PRESET = DATASETS['shapes']  # classes, unseen split, templates, layout: the world's entry in data.py
+CLASSES = PRESET['classes']  # 'light red', 'dark red', 'light yellow', ... (K = 10)
+UNSEEN = PRESET['unseen']  # light/dark yellow and purple: OTSeg never sees these hues' masks, nor their names
+TEMPLATES = PRESET['templates']  # N = 4
+HUES = {'red': (220, 35, 35), 'yellow': (230, 220, 40), 'green': (40, 190, 50), 'blue': (45, 65, 225),
+        'purple': (190, 50, 210)}  # RGB; hues 0, 60, 120, 240 and 300 degrees
+SHADES = ['light', 'dark']
+COLOURS = {  # RGB of each class: light = 45% of the hue mixed with white, dark = half its intensity
+    f'{shade} {hue}': tuple(round(0.45 * v + 0.55 * 255) if shade == 'light' else round(0.5 * v) for v in rgb)
+    for hue, rgb in HUES.items() for shade in SHADES}
+SHAPES = ['circle', 'square', 'triangle', 'diamond', 'hexagon', 'star']
+PATTERNS = ['plain', 'striped', 'dotted']
+IMAGE_SIZE = 64  # the preset's crop_size
+
+
+def shape_mask(shape: str, centre: tuple[float, float], radius: float, angle: float, size: int) -> np.ndarray:
+    """(size, size) bool: the filled polygon (no anti-aliasing, so every pixel is either in or out)."""
+    corners, radii = {'circle': (48, [1.0]), 'square': (4, [1.0]), 'triangle': (3, [1.15]),
+                      'diamond': (4, [1.15, 0.7]), 'hexagon': (6, [1.0]), 'star': (10, [1.2, 0.55])}[shape]
+    t = angle + 2 * math.pi * np.arange(corners) / corners
+    r = radius * np.resize(radii, corners)
+    points = list(zip(centre[0] + r * np.cos(t), centre[1] + r * np.sin(t)))
+    canvas = Image.new('L', (size, size), 0)
+    ImageDraw.Draw(canvas).polygon(points, fill=1)
+    return np.array(canvas, dtype=bool)
+
+
+def pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) bool: where the object shows its colour; elsewhere a darker shade of it."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    if pattern == 'plain':
+        return np.ones((size, size), dtype=bool)
+    if pattern == 'striped':  # period 4-6 px, any direction
+        angle, period = rng.uniform(0, math.pi), rng.uniform(4, 6)
+        return ((x * math.cos(angle) + y * math.sin(angle)) / period + rng.uniform()) % 1 < 0.5
+    period = rng.uniform(5, 7)  # dotted: dark dots on a lattice
+    dx, dy = (x + rng.uniform(0, period)) % period - period / 2, (y + rng.uniform(0, period)) % period - period / 2
+    return dx * dx + dy * dy > (0.3 * period) ** 2
+
+
+def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, max_objects: int = 3,
+                 radius: tuple[float, float] = (9.0, 16.0)) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """One image of the world.
+
+    Returns image uint8 (size, size, 3), label uint8 (size, size) with 0 = background and k + 1 = class k
+    (the VOC convention, reduce_zero_label), and the objects drawn: dicts with colour, shape, pattern.
+    Objects never overlap, so every object drawn is visible and named in the caption.
+    """
+    # background: smooth grey-brown clouds (low-frequency noise, little saturation)
+    clouds = rng.uniform(60, 150, (4, 4, 1)) + rng.uniform(-15, 15, (4, 4, 3))
+    clouds = Image.fromarray(np.clip(clouds, 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    image = np.asarray(clouds, dtype=np.float32)
+    label = np.zeros((size, size), dtype=np.uint8)
+    taken = np.zeros((size, size), dtype=bool)
+    objects = []
+    for _ in range(rng.integers(1, max_objects + 1)):
+        for _attempt in range(20):  # rejection sampling of a free spot
+            r = rng.uniform(*radius)
+            mask = shape_mask(shape := SHAPES[rng.integers(len(SHAPES))], tuple(rng.uniform(r, size - r, 2)), r,
+                              rng.uniform(0, 2 * math.pi), size)
+            if mask.sum() >= 30 and not (mask & taken).any():
+                break
+        else:
+            continue
+        k = int(rng.integers(len(CLASSES)))
+        pattern = PATTERNS[rng.integers(len(PATTERNS))]
+        colour = np.array(COLOURS[CLASSES[k]], dtype=np.float32) * rng.uniform(0.85, 1.05)
+        shade = colour * 0.55
+        fill = np.where(pattern_mask(pattern, size, rng)[..., None], colour, shade)
+        image = np.where(mask[..., None], fill, image)
+        label[mask] = k + 1
+        taken |= mask
+        objects.append(dict(colour=CLASSES[k], shape=shape, pattern=pattern))
+    image = image + rng.normal(0, 6, image.shape)  # sensor noise
+    return np.clip(image, 0, 255).round().astype(np.uint8), label, objects
+
+
+def caption(objects: list[dict], rng: np.random.Generator) -> str:
+    """A sentence naming every object's colour, and sometimes its shape and pattern."""
+    phrases = []
+    for obj in objects:
+        words = [obj['colour'], obj['shape'] if rng.random() < 0.5 else ['shape', 'object', 'thing'][rng.integers(3)]]
+        if obj['pattern'] != 'plain' and rng.random() < 0.5:
+            words.insert(0, obj['pattern'])
+        phrases.append('a ' + ' '.join(words))
+    order = rng.permutation(len(phrases))
+    phrases = [phrases[i] for i in order]
+    body = phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
+    return ['a photo of ', 'a picture of ', 'an image of ', ''][rng.integers(4)] + body + '.'
+
+
+def world_words() -> list[str]:
+    """Every word a caption or template can hold: the token rows the checkpoint keeps."""
+    words = SHADES + list(HUES) + SHAPES + PATTERNS + ['shape', 'object', 'thing', 'a', 'an', 'photo', 'picture',
+                                                       'image', 'of', 'and', ',', '.']
+    return words + [t.format(name) for t in TEMPLATES for name in CLASSES]
+
+
+def write_world(root: str, num_train: int = 2000, num_val: int = 300, seed: int = 0) -> str:
+    """Write the world under root: images/{train,val}/NAME.jpg, annotations/{train,val}/NAME.png
+    (0 = background, k + 1 = class k) and captions/{train,val}.txt ("NAME<tab>caption" lines)."""
+    for split, count, split_seed in [('train', num_train, seed), ('val', num_val, seed + 1)]:
+        rng = np.random.default_rng([split_seed, 20240924])  # disjoint from the pretraining streams
+        for folder in ('images', 'annotations'):
+            os.makedirs(os.path.join(root, folder, split), exist_ok=True)
+        lines = []
+        for i in range(count):
+            image, label, objects = render_scene(rng)
+            name = f'{split}_{i:05d}'
+            # full-resolution colour (no 4:2:0 subsampling): in this world the colour is the class
+            Image.fromarray(image).save(os.path.join(root, 'images', split, name + '.jpg'), quality=95,
+                                        subsampling=0)
+            Image.fromarray(label).save(os.path.join(root, 'annotations', split, name + '.png'))
+            lines.append(f'{name}\t{caption(objects, rng)}')
+        os.makedirs(os.path.join(root, 'captions'), exist_ok=True)
+        with open(os.path.join(root, 'captions', f'{split}.txt'), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The tiny CLIP and its contrastive pretraining
+# ----------------------------------------------------------------------------------------------
+
+TINY_CLIP = dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, vision_width=64,
+                 vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
+                 transformer_heads=1, transformer_layers=2)  # 64 / 64 = 1 head, OpenAI's rule
+IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)  # data.py's normalisation, so the
+IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)     # pretrained towers see what OTSeg sees
+
+
+def encode_captions(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's encode_text on the first L positions only, L = the longest caption: the text tower is causal,
+    so what follows the end-of-text token never reaches it (same result, 77 / L times cheaper). (n, C)."""
+    eot = tokens.argmax(dim=-1)  # (n,) the end-of-text token has the largest id
+    L = int(eot.max()) + 1
+    x = model.token_embedding(tokens[:, :L]) + model.positional_embedding[:L]  # (n, L, W)
+    x = model.ln_final(model.transformer(x))  # (n, L, W)
+    return x[torch.arange(x.shape[0]), eot] @ model.text_projection  # (n, C)
+
+
+def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """n fresh scenes: normalised images (n, 3, H, W), labels (n, H, W) (0 bg, k + 1 class k), captions and
+    the (n, n) positives matrix (1 where two captions name the same set of colours)."""
+    images, labels, captions, colour_sets = [], [], [], []
+    for _ in range(n):
+        image, label, objects = render_scene(rng)
+        images.append(image)
+        labels.append(label)
+        captions.append(caption(objects, rng))
+        colour_sets.append(frozenset(obj['colour'] for obj in objects))
+    images = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() - IMAGENET_MEAN) / IMAGENET_STD
+    positives = torch.tensor([[a == b for b in colour_sets] for a in colour_sets], dtype=torch.float32)
+    return images, torch.from_numpy(np.stack(labels)), captions, positives
+
+
+def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, positives: torch.Tensor,
+                        logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE where every caption naming the same colours is a positive (soft targets
+    spread evenly over them): two images of a red circle must not be pushed apart. (B, C), (B, C), (B, B)."""
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()  # (B, B)
+    targets = positives / positives.sum(dim=1, keepdim=True)  # symmetric, so the same for both directions
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+
+
+def pretraining_loss(model: CLIP, images: torch.Tensor, tokens: torch.Tensor,
+                     positives: torch.Tensor) -> torch.Tensor:
+    """Contrastive loss of the CLS embedding (CLIP's) plus that of the mean dense token (OTSeg reads those)."""
+    global_embedding, dense = model.encode_dense(images)  # (B, C), (B, C, h, w)
+    text = encode_captions(model, tokens)  # (B, C)
+    scale = model.logit_scale.exp().clamp(max=100)  # OpenAI's clamp
+    pooled = F.normalize(dense.flatten(2), dim=1).mean(dim=2)  # (B, C, M) -> (B, C): mean of the unit dense tokens
+    return (multi_positive_loss(global_embedding, text, positives, scale)
+            + multi_positive_loss(pooled, text, positives, scale))
+
+
+@torch.no_grad()
+def class_text_embeddings(model: CLIP, names: list[str] = CLASSES) -> torch.Tensor:
+    """(K, C): the templates' embeddings of each class, averaged over the N templates, unit length."""
+    texts = [t.format(name) for name in names for t in TEMPLATES]
+    text = F.normalize(encode_captions(model, tokenize(texts)), dim=-1).view(len(names), len(TEMPLATES), -1)
+    return F.normalize(text.mean(dim=1), dim=-1)  # (K, N, C) -> (K, C)
+
+
+def patch_majority(labels: torch.Tensor, patch: int, purity: float = 0.7) -> torch.Tensor:
+    """(B, H, W) labels -> (B, M) class of each patch (k + 1 as in the labels), 0 where the patch is
+    background or mixed (its most frequent label covers less than `purity`)."""
+    B, H, W = labels.shape
+    cells = labels.view(B, H // patch, patch, W // patch, patch)  # (B, h, patch, w, patch)
+    cells = cells.permute(0, 1, 3, 2, 4).reshape(B, -1, patch * patch)  # (B, M, patch * patch)
+    majority = torch.mode(cells, dim=-1).values  # (B, M)
+    share = (cells == majority[..., None]).float().mean(dim=-1)  # (B, M)
+    return torch.where(share >= purity, majority, torch.zeros_like(majority))
+
+
+@torch.no_grad()
+def zero_shot_quality(model: CLIP, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """What pretraining alone gives, no segmentation training (chance about 1/K for both):
+    image: for each image, the share of its n colours among the n classes closest to its CLS embedding;
+    patch: accuracy of the class closest to each dense token (MaskCLIP-style), over patches inside objects.
+    `model` as pretrained: built with double_cls_embedding=False, so encode_dense's CLS is encode_image's."""
+    model.eval()
+    text = class_text_embeddings(model)  # (K, C)
+    global_embedding, dense = model.encode_dense(images)  # (B, C), (B, C, h, w)
+    image_scores = F.normalize(global_embedding, dim=-1) @ text.t()  # (B, K)
+    hits = []
+    for scores, label in zip(image_scores, labels):
+        present = set(label.unique().tolist()) - {0}
+        top = scores.topk(len(present)).indices + 1
+        hits.append(sum(int(k) in present for k in top) / len(present))
+    patches = patch_majority(labels, model.visual.conv1.kernel_size[0])  # (B, M)
+    tokens = F.normalize(dense.flatten(2).transpose(1, 2), dim=-1)  # (B, C, M) -> (B, M, C)
+    predicted = (tokens @ text.t()).argmax(dim=-1) + 1  # (B, M)
+    inside = patches > 0
+    return dict(image=float(np.mean(hits)), patch=float((predicted[inside] == patches[inside]).float().mean()))
+
+
+def quality_set(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed held-out scenes zero_shot_quality is measured on."""
+    images, labels, _, _ = scene_batch(np.random.default_rng([7, 20240924]), count)
+    return images, labels
+
+
+def pretrain(steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, warmup: int = 100, seed: int = 0,
+             config: dict = TINY_CLIP, log_every: int = 100, log=print) -> tuple[CLIP, list[dict]]:
+    """Contrastive pretraining of a tiny CLIP on fresh scenes (never the same image twice).
+    AdamW (weight decay 0.1 on matrices), linear warmup then cosine decay. Returns the model and the log."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 1])
+    # double_cls_embedding=False: encode_dense's CLS output is then exactly encode_image's (no prompts here)
+    model = CLIP(**config, double_cls_embedding=False)
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    others = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([dict(params=matrices, weight_decay=0.1), dict(params=others, weight_decay=0.0)],
+                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    eval_images, eval_labels = quality_set()
+    history = [dict(step=0, **zero_shot_quality(model, eval_images, eval_labels))]
+    log(f"step 0: zero-shot image {history[-1]['image']:.3f}, patch {history[-1]['patch']:.3f} "
+        f"(chance {1 / len(CLASSES):.2f})")
+    start = time.time()
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group['lr'] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        images, _, captions, positives = scene_batch(rng, batch_size)
+        model.train()
+        loss = pretraining_loss(model, images, tokenize(captions), positives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % log_every == 0 or step == steps:
+            history.append(dict(step=step, loss=loss.item(), minutes=(time.time() - start) / 60,
+                                **zero_shot_quality(model, eval_images, eval_labels)))
+            h = history[-1]
+            log(f"step {step}: loss {h['loss']:.3f}, zero-shot image {h['image']:.3f}, patch {h['patch']:.3f}, "
+                f"{h['minutes']:.1f} min")
+    return model.eval(), history
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The checkpoint: CLIP's weights minus the unused token rows
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'shapes_clip.pt')
+
+
+def world_token_ids() -> torch.Tensor:
+    """Ids of every token the world's captions and templates can produce (start and end of text included)."""
+    return torch.unique(tokenize(world_words()))[1:]  # [1:]: drop the padding 0 (a '!' that never occurs)
+
+
+def save_checkpoint(model: CLIP, path: str, **meta) -> None:
+    """Write the weights with the token table cut to the world's rows (about 1.5 MB instead of 14 MB), plus
+    `meta` (command, seed, steps, quality, ...). Written atomically."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    table = state.pop('token_embedding.weight')  # (vocab, W)
+    ids = world_token_ids()
+    checkpoint = dict(state_dict=state, token_ids=ids, token_rows=table[ids].clone(), vocab_size=table.shape[0],
+                      **meta)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(checkpoint, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def read_checkpoint(path: str = CHECKPOINT) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def clip_state_dict(path: str = CHECKPOINT) -> dict[str, torch.Tensor]:
+    """A plain CLIP state dict (what clip.build_model and clip.load read): the token table rebuilt with the
+    stored rows and zeros elsewhere (those tokens never occur in the world)."""
+    checkpoint = read_checkpoint(path)
+    rows = checkpoint['token_rows']  # (n, W)
+    table = rows.new_zeros(checkpoint['vocab_size'], rows.shape[1])  # (vocab, W)
+    table[checkpoint['token_ids']] = rows
+    return {**checkpoint['state_dict'], 'token_embedding.weight': table}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The demo: train.py and evaluate.py run exactly as a user runs them
+# ----------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# OTSeg's schedule in the demo, passed to train.py as overrides of its preset (the paper's 20k steps at
+# lr 2e-4 with 1,500 warm-up steps would take hours on a CPU): a few hundred steps at a higher rate.
+DEMO_SCHEDULE = dict(iters=600, batch_size=16, lr=3e-3, warmup_iters=30, prompt_tokens=4)
+
+RUNS = [  # (run name, which tiny CLIP, matching): the two Sinkhorn runs first, they take longest
+    ('pretrained-sinkhorn', 'pretrained', 'sinkhorn'),
+    ('random-sinkhorn', 'random', 'sinkhorn'),  # the honesty check: the same OTSeg on a CLIP that knows nothing
+    ('pretrained-softmax', 'pretrained', 'softmax'),
+]
+
+
+def write_clip_weights(out_dir: str, checkpoint: str, seed: int) -> dict[str, str]:
+    """The two tiny CLIPs as plain state-dict files for `train.py --clip-weights`: the pretrained one and
+    the same architecture with random weights (OpenAI's initialisation, seeded)."""
+    pretrained = clip_state_dict(checkpoint)
+    torch.manual_seed(seed)
+    random_init = CLIP(**architecture(pretrained)).state_dict()
+    paths = {}
+    for name, state_dict in (('pretrained', pretrained), ('random', random_init)):
+        paths[name] = os.path.join(out_dir, f'clip_{name}.pt')
+        torch.save(state_dict, paths[name])
+    return paths
+
+
+def run_commands(commands: list[tuple[str, list[str], str]], jobs: int) -> None:
+    """Run (title, argv, log file) commands, `jobs` at a time (one thread each when several run at
+    once), printing each one's time; exit with the end of its log if one fails."""
+    env = dict(os.environ, OMP_NUM_THREADS='1') if jobs > 1 else None
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            title, argv, log_path = pending.pop(0)
+            log = open(log_path, 'w')
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env)
+            running.append((title, process, log, log_path, time.time()))
+        time.sleep(0.1)
+        for job in [job for job in running if job[1].poll() is not None]:
+            running.remove(job)
+            title, process, log, log_path, start = job
+            log.close()
+            if process.returncode != 0:
+                with open(log_path) as f:
+                    sys.exit(f"error: {title} failed (exit code {process.returncode}); the end of {log_path}:\n"
+                             + ''.join(f.readlines()[-15:]))
+            print(f"  {title}: {time.time() - start:.0f} s", flush=True)
+
+
+def results_table(results: dict[str, dict], seed: int) -> str:
+    """The demo's table from evaluate.py's JSON reports, one row per (run, inference)."""
+    rows = [('pretrained-sinkhorn', 'OTSeg', 'pretrained', 'Sinkhorn (MPSA)', 'OTSeg: decoder'),
+            ('pretrained-sinkhorn', 'OTSeg+', 'pretrained', 'Sinkhorn (MPSA)', 'OTSeg+: decoder + score map'),
+            ('pretrained-softmax', 'OTSeg', 'pretrained', 'softmax', 'decoder'),
+            ('pretrained-softmax', 'OTSeg+', 'pretrained', 'softmax', 'decoder + score map'),
+            ('random-sinkhorn', 'OTSeg', 'random init', 'Sinkhorn (MPSA)', 'OTSeg: decoder'),
+            ('random-sinkhorn', 'OTSeg+', 'random init', 'Sinkhorn (MPSA)', 'OTSeg+: decoder + score map')]
+    unseen = ', '.join(CLASSES[k] for k in UNSEEN)
+    lines = [f"Shapes world, inductive, seed {seed}: trained on the masks of {len(CLASSES) - len(UNSEEN)} seen "
+             f"classes, scored on all {len(CLASSES)}", f"(unseen: {unseen}). IoU in %.", "",
+             f"{'tiny CLIP':12s} {'matching':16s} {'prediction':28s} {'mIoU(S)':>8s} {'mIoU(U)':>8s} {'hIoU':>8s}"]
+    for run, key, clip_name, matching, inference in rows:
+        if run in results:
+            r = results[run][key]  # evaluate.py writes NaN (a class never labelled nor predicted) as null
+            values = [math.nan if r[k] is None else r[k] for k in ('miou_seen', 'miou_unseen', 'hiou')]
+            lines.append(f"{clip_name:12s} {matching:16s} {inference:28s} " + " ".join(f"{v:8.1f}" for v in values))
+    return '\n'.join(lines)
+
+
+BACKGROUND = (40, 40, 40)  # how the pictures paint background pixels (not a class: ignored, as VOC's)
+
+
+def paint(label: np.ndarray) -> np.ndarray:
+    """(H, W) labels over all classes (255 = background) -> (H, W, 3) RGB in each class's own colour."""
+    palette = np.array([COLOURS[c] for c in CLASSES] + [BACKGROUND] * (256 - len(CLASSES)), dtype=np.uint8)
+    return palette[label]
+
+
+@torch.no_grad()
+def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: int = 8, scale: int = 3) -> str:
+    """One PNG of the first `count` validation scenes holding an unseen colour: the scene, the truth and
+    each model's prediction, painted in the classes' own colours; predictions are shown on the object
+    pixels only (the pixels that are scored) and background is grey."""
+    dataset = SegmentationDataset('shapes', root, 'val', 'fully', transform=test_transform('shapes'))
+    unseen = torch.tensor(UNSEEN)
+    chosen = [i for i in range(len(dataset)) if torch.isin(dataset[i]['label'], unseen).any()][:count]
+    samples = [dataset[i] for i in chosen]
+    images = torch.stack([s['image'] for s in samples])  # (B, 3, H, W): one window is the whole scene
+    labels = torch.stack([s['label'] for s in samples])  # (B, H, W), 255 = background
+    seen = torch.ones(len(CLASSES), dtype=torch.bool)
+    seen[UNSEEN] = False
+    columns = [('scene', [np.asarray(evaluate.denormalize(image)) for image in images]),
+               ('truth', [paint(label.numpy()) for label in labels])]
+    for title, (checkpoint, inference) in checkpoints.items():
+        model = evaluate.build_model_from_checkpoint(evaluate.read_checkpoint(checkpoint), None, torch.device('cpu'))
+        probabilities = evaluate.make_predictor(model, CLASSES, seen)(images)[inference]  # (B, K, H, W)
+        predicted = torch.where(labels == 255, 255, probabilities.argmax(dim=1))  # (B, H, W)
+        columns.append((title, [paint(p.numpy()) for p in predicted]))
+    size, header = IMAGE_SIZE * scale, 28
+    canvas = Image.new('RGB', (len(columns) * (size + 6), header + len(samples) * (size + 6)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for c, (title, tiles) in enumerate(columns):
+        for line, text in enumerate(title.split('\n')):
+            draw.text((c * (size + 6) + 2, 2 + 12 * line), text, fill='black')
+        for r, tile in enumerate(tiles):
+            tile = Image.fromarray(tile).resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (c * (size + 6), header + r * (size + 6)))
+    canvas.save(path)
+    return path
+
+
+def demo(out_dir: str = 'runs/shapes', checkpoint: str = CHECKPOINT, seed: int = 0, num_train: int = 2000,
+         num_val: int = 300, schedule: dict = DEMO_SCHEDULE, jobs: int = 2, num_pictures: int = 6) -> str:
+    """The whole demo (see the module docstring); returns the table it prints."""
+    start = time.time()
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"1. writing the shapes world ({num_train} training and {num_val} validation scenes) to {out_dir}/world")
+    root = write_world(os.path.join(out_dir, 'world'), num_train, num_val, seed)
+    meta = read_checkpoint(checkpoint)
+    quality = meta['history'][-1]
+    print(f"2. the pretrained tiny CLIP: {checkpoint}, made by `{meta.get('command', '?')}`; zero-shot quality "
+          f"before any segmentation training: image {quality['image']:.2f}, patch {quality['patch']:.2f} "
+          f"(chance {1 / len(CLASSES):.2f})")
+    weights = write_clip_weights(out_dir, checkpoint, seed)
+    print(f"3. training OTSeg on the seen classes' masks ({schedule['iters']} steps of {schedule['batch_size']} "
+          f"images; {jobs} run(s) at a time)", flush=True)
+    train = []
+    for name, clip_name, matching in RUNS:
+        run_dir = os.path.join(out_dir, name)
+        argv = [sys.executable, 'train.py', '--dataset', 'shapes', '--setting', 'inductive', '--data-root', root,
+                '--clip-weights', weights[clip_name], '--matching', matching, '--output-dir', run_dir,
+                '--iters', str(schedule['iters']), '--batch-size', str(schedule['batch_size']),
+                '--micro-batch', str(schedule['batch_size']), '--lr', str(schedule['lr']),
+                '--warmup-iters', str(schedule['warmup_iters']), '--prompt-tokens', str(schedule['prompt_tokens']),
+                '--seed', str(seed), '--workers', '0', '--device', 'cpu', '--log-every', '50',
+                '--save-every', str(schedule['iters'])]
+        os.makedirs(run_dir, exist_ok=True)
+        train.append((f"train.py {name}", argv, os.path.join(run_dir, 'train.log')))
+    run_commands(train, jobs)
+    print("4. evaluate.py on all classes of the validation scenes, with pictures", flush=True)
+    pictures = os.path.join(out_dir, 'pictures')
+    evaluations = []
+    for name, clip_name, _ in RUNS:
+        run_dir = os.path.join(out_dir, name)
+        argv = [sys.executable, 'evaluate.py', '--checkpoint', os.path.join(run_dir, 'ckpt.pt'), '--data-root', root,
+                '--device', 'cpu', '--workers', '0', '--output-json', os.path.join(run_dir, 'eval.json')]
+        if name.endswith('sinkhorn'):
+            argv += ['--visualize', os.path.join(pictures, name), '--num-visualize', str(num_pictures)]
+        evaluations.append((f"evaluate.py {name}", argv, os.path.join(run_dir, 'eval.log')))
+    run_commands(evaluations, jobs)
+    overview = overview_picture(os.path.join(pictures, 'overview.png'), root, {
+        'pretrained CLIP\nOTSeg': (os.path.join(out_dir, 'pretrained-sinkhorn', 'ckpt.pt'), 'OTSeg'),
+        'pretrained CLIP\nOTSeg+': (os.path.join(out_dir, 'pretrained-sinkhorn', 'ckpt.pt'), 'OTSeg+'),
+        'random CLIP\nOTSeg': (os.path.join(out_dir, 'random-sinkhorn', 'ckpt.pt'), 'OTSeg'),
+        'random CLIP\nOTSeg+': (os.path.join(out_dir, 'random-sinkhorn', 'ckpt.pt'), 'OTSeg+')}, num_pictures)
+    results = {}
+    for name, _, _ in RUNS:
+        with open(os.path.join(out_dir, name, 'eval.json')) as f:
+            results[name] = json.load(f)['results']
+    table = results_table(results, seed)
+    with open(os.path.join(out_dir, 'results.txt'), 'w') as f:
+        f.write(table + '\n')
+    print('\n' + table + '\n')
+    print(f"pictures: {overview} (scenes with an unseen colour: truth and predictions in the classes' own colours)")
+    print(f"          {pictures}/*/ (evaluate.py --visualize: image | truth | OTSeg+ prediction, and the "
+          f"per-prompt score maps)")
+    print(f"table: {out_dir}/results.txt; logs and checkpoints: {out_dir}/*/")
+    print(f"total time: {time.time() - start:.0f} s")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Command line
+# ----------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="The shapes world: zero-shot segmentation end to end on a CPU")
+    parser.add_argument("command", nargs="?", default="demo", choices=["demo", "pretrain", "world"],
+                        help="demo (default): the whole demo; pretrain: remake the tiny CLIP; world: only the world")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--checkpoint", default=CHECKPOINT, help="the tiny CLIP (pretrain writes, the demo reads it)")
+    group = parser.add_argument_group("demo and world")
+    group.add_argument("--out", default="runs/shapes", help="the demo's folder (world, runs, pictures, table)")
+    group.add_argument("--root", default=None, help="where `world` writes the scenes (default: OUT/world)")
+    group.add_argument("--num-train", type=int, default=2000)
+    group.add_argument("--num-val", type=int, default=300)
+    group.add_argument("--iters", type=int, default=DEMO_SCHEDULE['iters'], help="OTSeg training steps")
+    group.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time")
+    group.add_argument("--num-pictures", type=int, default=6)
+    group = parser.add_argument_group("pretrain")
+    group.add_argument("--steps", type=int, default=2000)
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--lr", type=float, default=1e-3)
+    return parser
+
+
+def main(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "demo":
+        demo(args.out, args.checkpoint, args.seed, args.num_train, args.num_val,
+             dict(DEMO_SCHEDULE, iters=args.iters), args.jobs, args.num_pictures)
+    elif args.command == "world":
+        root = args.root or os.path.join(args.out, 'world')
+        write_world(root, args.num_train, args.num_val, args.seed)
+        print(f"wrote {args.num_train} + {args.num_val} scenes to {root}")
+    elif args.command == "pretrain":
+        command = "python shapes.py pretrain " + " ".join(sys.argv[2:])
+        start = time.time()
+        model, history = pretrain(args.steps, args.batch_size, args.lr, seed=args.seed)
+        minutes = (time.time() - start) / 60
+        save_checkpoint(model, args.checkpoint, command=command.strip(), seed=args.seed, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, minutes=minutes, threads=torch.get_num_threads(),
+                        history=history, torch_version=str(torch.__version__))
+        print(f"wrote {args.checkpoint} ({os.path.getsize(args.checkpoint) / 1e6:.1f} MB) after {minutes:.1f} min: "
+              f"zero-shot image {history[-1]['image']:.3f}, patch {history[-1]['patch']:.3f}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

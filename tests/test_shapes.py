@@ -29,7 +29,7 @@ def palette_class(pixels: np.ndarray) -> np.ndarray:
 
 def test_preset_matches_world():
     assert list(shapes.COLOURS) == shapes.CLASSES == data.DATASETS['shapes']['classes']
-    assert [shapes.CLASSES[k] for k in shapes.UNSEEN] == ['light yellow', 'dark yellow', 'light purple', 'dark purple']
+    assert [shapes.CLASSES[k] for k in shapes.UNSEEN] == ['light yellow', 'dark blue', 'dark purple']
 
 
 def test_labels_match_pixels_and_captions_name_what_is_drawn():
@@ -68,7 +68,8 @@ def test_world_on_disk(tmp_path):
         expected = torch.from_numpy(label.astype(np.int64) - 1).masked_fill(torch.from_numpy(label == 0), 255)
         assert torch.equal(sample['label'], expected)
     train = data.SegmentationDataset('shapes', root, 'train', 'inductive')
-    assert train.class_names == ['light red', 'dark red', 'light green', 'dark green', 'light blue', 'dark blue']
+    assert train.class_names == ['light red', 'dark red', 'dark yellow', 'light green', 'dark green', 'light blue',
+                                 'light purple']
 
 
 @pytest.fixture(scope='module')

@@ -501,7 +501,7 @@ def demo(out_dir: str = 'runs/shapes', checkpoint: str = CHECKPOINT, seed: int =
     print("4. evaluate.py on all classes of the validation scenes, with pictures", flush=True)
     pictures = os.path.join(out_dir, 'pictures')
     evaluations = []
-    for name, clip_name, _ in RUNS:
+    for name, _, _ in RUNS:
         run_dir = os.path.join(out_dir, name)
         argv = [sys.executable, 'evaluate.py', '--checkpoint', os.path.join(run_dir, 'ckpt.pt'), '--data-root', root,
                 '--device', 'cpu', '--workers', '0', '--output-json', os.path.join(run_dir, 'eval.json')]

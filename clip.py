@@ -386,13 +386,13 @@ class CLIP(nn.Module):
 # 4. Building from weights, loading, freezing
 # ----------------------------------------------------------------------------------------------
 
-# Everything OTSeg trains in the image tower (FACTS 4); all other CLIP weights stay frozen.
 # A tiny CLIP of the same design (2 layers of width 64 in each tower, OpenAI's vocabulary), for tests
 # and for trying the code without downloads: CLIP(**TINY) builds it with random weights.
 TINY = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
             transformer_layers=2)
 
+# Everything OTSeg trains in the image tower (FACTS 4); all other CLIP weights stay frozen.
 PROMPT_PARAMETERS = ("visual.prompt_embeddings", "visual.deep_prompt_embeddings", "visual.prompt_proj.",
                      "visual.prompt_norm.")
 

@@ -35,6 +35,7 @@ the same names and shapes, so a checkpoint of one loads into the other.
 Notation: B batch, K classes, N prompts, M pixels (h*w tokens), C channels.
 Run `python mpsa.py` for a demonstration on random inputs.
 """
+import copy
 import math
 
 import torch
@@ -200,12 +201,16 @@ class MPSADecoder(nn.Module):
                  dropout: float = 0.1, matching: str = "sinkhorn", num_heads: int = 8,
                  eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False):
         super().__init__()
-        # PyTorch's default init everywhere: the release defines a weight init but never runs it.
-        self.layers = nn.ModuleList(
-            MPSADecoderLayer(dim, ffn_dim=ffn_dim, dropout=dropout, matching=matching,
-                             num_heads=num_heads, eps=eps, n_iters=n_iters, tol=tol,
-                             implicit_grad=implicit_grad, mask_only=(i == num_layers - 1))
-            for i in range(num_layers))
+        options = dict(ffn_dim=ffn_dim, dropout=dropout, matching=matching, num_heads=num_heads,
+                       eps=eps, n_iters=n_iters, tol=tol, implicit_grad=implicit_grad)
+        # Every layer starts as the same layer, as in the release's `decode_seg.py`: it builds one
+        # layer and nn.TransformerDecoder deep-copies it into each place, and its head's weight init
+        # is never called (PyTorch's default init). The last layer keeps the same q and k.
+        first = MPSADecoderLayer(dim, **options)
+        last = MPSADecoderLayer(dim, mask_only=True, **options)
+        last.cross_attn.q_proj = copy.deepcopy(first.cross_attn.q_proj)
+        last.cross_attn.k_proj = copy.deepcopy(first.cross_attn.k_proj)
+        self.layers = nn.ModuleList([copy.deepcopy(first) for _ in range(num_layers - 1)] + [last])
 
     def forward(self, queries: torch.Tensor,
                 memory: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

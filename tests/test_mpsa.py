@@ -90,6 +90,24 @@ def test_every_parameter_gets_a_gradient_and_last_layer_is_q_k_only(matching):
     assert last == {f"cross_attn.{proj}.{kind}" for proj in ("q_proj", "k_proj") for kind in ("weight", "bias")}
 
 
+@pytest.mark.parametrize("matching", MATCHINGS)
+def test_layers_start_as_copies_of_one_layer(matching):
+    """The release deep-copies one layer into every place: layer 2 equals layer 1, and layer 3's
+    q and k equal layer 1's, at initialisation; the copies are separate parameters."""
+    torch.manual_seed(0)
+    decoder = MPSADecoder(dim=16, ffn_dim=64, matching=matching, num_heads=2)
+    first = {name: value.clone() for name, value in decoder.layers[0].state_dict().items()}
+    for layer in decoder.layers[1:]:
+        for name, value in layer.state_dict().items():
+            diff = (value - first[name]).abs().max().item()
+            assert diff == 0, f"{name}: largest difference {diff:.3e} from the first layer's"
+    with torch.no_grad():
+        decoder.layers[1].cross_attn.q_proj.weight.add_(1.0)
+        decoder.layers[2].cross_attn.k_proj.weight.add_(1.0)
+    assert torch.equal(decoder.layers[0].cross_attn.q_proj.weight, first["cross_attn.q_proj.weight"])
+    assert torch.equal(decoder.layers[0].cross_attn.k_proj.weight, first["cross_attn.k_proj.weight"])
+
+
 def test_parameter_count_at_vit_b16_width():
     """FACTS 3: layers 1-2 3,152,384 each, layer 3's q and k 525,312; same for both matchings."""
     for matching in MATCHINGS:

@@ -16,6 +16,8 @@ measured on the same machine at the same time:
 3. `training`: one optimisation step (forward, both losses, backward, AdamW) for MPSA and softmax;
    a small scale on the CPU, and the real scale (512x512, VOC and COCO-Stuff settings, fp32 and
    bf16 autocast) on a GPU.
+4. `table3`: the paper's Table 3 columns (learnable parameters, GMACs in the paper's convention, full
+   GFLOPs, images/s) for OTSeg+ and the softmax matching, with the release's own way of counting.
 
     python benchmark.py                     # everything (CPU: several minutes)
     python benchmark.py --only sinkhorn     # one table
@@ -33,8 +35,13 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
+import checkpoint
+import clip
+import common
 import sinkhorn
+from model import OTSeg, trainable_parameters
 
 # ----------------------------------------------------------------------------------------------
 # Measuring helpers
@@ -341,13 +348,113 @@ def bench_training(device: torch.device, quick: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. Paper Table 3: learnable parameters, compute per image, images per second
+# ----------------------------------------------------------------------------------------------
+
+def paper_macs(model: OTSeg, images: torch.Tensor, class_names: list[str]) -> int:
+    """Multiply-accumulates of nn.Linear and nn.Conv2d modules, CLIP's attention blocks left out.
+
+    The convention of the MMCV counter behind the paper's "GFLOPs" (Table 3; docs/release.md): attention products,
+    the attention projections of CLIP, norms, Sinkhorn and matrix products outside modules uncounted.
+    """
+    total = [0]
+    skip = {id(m) for block in model.modules() if isinstance(block, (clip.Attention, nn.MultiheadAttention))
+            for m in block.modules()}
+
+    def linear(module, inputs, output):
+        total[0] += inputs[0].numel() // module.in_features * module.in_features * module.out_features
+
+    def conv(module, inputs, output):
+        kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
+        total[0] += output.numel() * kernel
+
+    handles = [m.register_forward_hook(linear if isinstance(m, nn.Linear) else conv)
+               for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in skip]
+    with torch.no_grad():
+        model(images, class_names)
+    for handle in handles:
+        handle.remove()
+    return total[0]
+
+
+def full_flops(model: OTSeg, images: torch.Tensor, class_names: list[str]) -> int:
+    """FLOPs of every matrix product, convolution and attention (2 per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images, class_names)
+    return counter.get_total_flops()
+
+
+def images_per_second(model: OTSeg, images: torch.Tensor, class_names: list[str], iters: int, amp: bool) -> float:
+    with torch.no_grad(), common.autocast(images.device, amp):
+        model(images, class_names)  # warm-up (text embeddings, kernels)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.time()
+        for _ in range(iters):
+            model(images, class_names)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+    return iters * images.shape[0] / (time.time() - start)
+
+
+def release_overheads(model: OTSeg, num_queries: int, num_pixels: int) -> tuple[int, int]:
+    """(parameters, MACs) the release adds to ours by building and running weights it never uses
+    (its `decode_seg.py`): every decoder layer's self-attention and norm1 (built, never called), and the last
+    layer's value and output projections, norms and FFN (built and run, their output unused)."""
+    d = model.relationship_descriptor.out_features
+    ffn = model.decoder.layers[0].linear1.out_features
+    parameters = (len(model.decoder.layers) * (4 * d * d + 4 * d + 2 * d)
+                  + 2 * (d * d + d) + 4 * d + (d * ffn + ffn) + (ffn * d + d))
+    macs = num_pixels * d * d + num_queries * d * d + 2 * num_queries * d * ffn
+    return parameters, macs
+
+
+def efficiency_table(model: OTSeg, class_names: list[str], crop: int, device: torch.device,
+                     iters: int, amp: bool) -> str:
+    """Table 3's columns for MPSA and for the softmax matching, on one crop-sized image."""
+    images = torch.randn(1, 3, crop, crop, device=device)
+    model.text_embeddings(class_names)  # cached before counting: the text tower runs once per class list
+    softmax = OTSeg(model.clip, model.templates, matching="softmax").to(device).eval()
+    checkpoint.load_trainable(softmax, checkpoint.trainable_state_dict(model), "the MPSA model")  # same parameters
+    softmax.text_embeddings(class_names)
+    patch = model.clip.visual.conv1.kernel_size[0]
+    extra_params, extra_macs = release_overheads(model, len(class_names) * len(model.templates),
+                                                 (crop // patch) ** 2)
+    rows = [f"{'':24s} {'learnable (M)':>13s} {'as release (M)':>14s} {'GMACs':>6s} {'as release':>10s} "
+            f"{'GFLOPs full':>11s} {'images/s':>8s}"]
+    for name, m in (("OTSeg+ (MPSA)", model.eval()), ("softmax cross-attention", softmax)):
+        learnable = sum(p.numel() for _, p in trainable_parameters(m))
+        macs = paper_macs(m, images, class_names)
+        rows.append(f"{name:24s} {learnable / 1e6:13.2f} {(learnable + extra_params) / 1e6:14.2f} "
+                    f"{macs / 1e9:6.1f} {(macs + extra_macs) / 1e9:10.1f} "
+                    f"{full_flops(m, images, class_names) / 1e9:11.1f} "
+                    f"{images_per_second(m, images, class_names, iters, amp):8.2f}")
+    rows.append(f"({len(class_names)} classes x {len(model.templates)} prompts, one {crop}x{crop} image on "
+                f"{device}. GMACs: nn.Linear and conv modules, CLIP's attention not counted, the convention "
+                "of the paper's 'GFLOPs'; 'as release' adds the weights it builds and runs without using "
+                "them. Paper Table 3, RTX 3090: OTSeg+ 13.8M, 61.9 GFLOPs, 22.5 FPS)")
+    return "\n".join(rows)
+
+
+
+
+def bench_table3(device: torch.device, quick: bool) -> None:
+    """Table 3 at ViT-B/16 size (random weights: counts and speed do not depend on them), VOC's classes."""
+    import data
+    size = 256 if quick else 512
+    model = build_otseg("sinkhorn", size, 10, data.TEMPLATES["N6"], device).eval()
+    print(efficiency_table(model, list(data.VOC_CLASSES), size, device, iters=2 if quick else 10, amp=False))
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["sinkhorn", "inference", "training"], action="append",
+    parser.add_argument("--only", choices=["sinkhorn", "inference", "training", "table3"], action="append",
                         help="run only these tables (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="smaller problems and fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -357,7 +464,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    only = set(args.only or ["sinkhorn", "inference", "training"])
+    only = set(args.only or ["sinkhorn", "inference", "training", "table3"])
     print(f"torch {torch.__version__} on {machine(device)}")
     if "sinkhorn" in only:
         bench_sinkhorn(device, args.quick)
@@ -365,6 +472,8 @@ def main() -> None:
         bench_inference(device, args.quick)
     if "training" in only:
         bench_training(device, args.quick)
+    if "table3" in only:
+        bench_table3(device, args.quick)
 
 
 if __name__ == "__main__":

@@ -347,16 +347,36 @@ class DatasetError(ValueError):
     """A problem with the files on disk; the message names the file and what to do."""
 
 
-def get_preset(dataset: str | dict) -> dict:
-    """A preset by name ('voc', 'context', 'coco', 'ade') or a dict (missing keys from PRESET_DEFAULTS)."""
+def get_preset(dataset: str | dict, crop_size: int | None = None) -> dict:
+    """A preset by name ('voc', 'context', 'coco', 'ade') or a dict (missing keys from PRESET_DEFAULTS).
+
+    crop_size, for small runs (tests, CPU trials): crop, rescale, test resize and windows of the preset
+    shrink together, so that a 64-pixel trial keeps the proportions of the 512-pixel protocol.
+    """
     if isinstance(dataset, str):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: choose one of {sorted(DATASETS)} or pass a preset dict")
-        return dict(DATASETS[dataset])
-    missing = {'classes', 'splits'} - set(dataset)
-    if missing:
-        raise ValueError(f"a dataset preset needs {sorted(missing)} (see DATASETS in data.py for the keys)")
-    return {**PRESET_DEFAULTS, **dataset}
+        preset = dict(DATASETS[dataset])
+    else:
+        missing = {'classes', 'splits'} - set(dataset)
+        if missing:
+            raise ValueError(f"a dataset preset needs {sorted(missing)} (see DATASETS in data.py for the keys)")
+        preset = {**PRESET_DEFAULTS, **dataset}
+    if crop_size is not None:
+        scale = crop_size / preset['crop_size']
+        preset.update(
+            crop_size=crop_size, window_crop=crop_size,
+            window_stride=max(1, round(preset['window_stride'] * scale)),
+            train_scale=tuple(round(s * scale) for s in preset['train_scale']),
+            test_short_side=round(preset['test_short_side'] * scale),
+            test_max_long_side=(None if preset['test_max_long_side'] is None
+                                else round(preset['test_max_long_side'] * scale)))
+    return preset
+
+
+def window_of(preset: dict) -> dict:
+    """The sliding window of evaluation: dict(crop=(h, w), stride=(h, w))."""
+    return dict(crop=(preset['window_crop'],) * 2, stride=(preset['window_stride'],) * 2)
 
 
 def seen_classes(preset: dict) -> list[int]:

@@ -41,10 +41,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import clip
 import data
 import evaluate
 import losses
+from common import autocast, close_distributed, print0, setup_distributed
 from model import OTSeg, trainable_parameters
 
 # ----------------------------------------------------------------------------------------------
@@ -137,14 +139,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--stop-after", type=int, default=None,
                        help="stop after N steps of this invocation, saving ckpt.pt (time-limited jobs)")
     return parser
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed set-up (torchrun's environment variables; NCCL on CUDA, gloo on the CPU: evaluate.py)
-# ----------------------------------------------------------------------------------------------
-
-setup_distributed = evaluate.setup_distributed
-print0 = evaluate.print0
 
 
 def accumulation_steps(batch_size: int, micro_batch: int, world_size: int) -> int:
@@ -326,8 +320,8 @@ def save_checkpoint(path: str, model, optimizer, step: int, args, schedule: dict
     else:
         states = [rng_state()]
     if master:
-        evaluate.atomic_save(dict(
-            format=evaluate.FORMAT, model=evaluate.trainable_state_dict(model),
+        checkpoint.atomic_save(dict(
+            format=checkpoint.FORMAT, model=checkpoint.trainable_state_dict(model),
             optimizer=optimizer.state_dict(), step=step, rng=states, args=vars(args),
             schedule=schedule, **extra), path)
 
@@ -341,9 +335,9 @@ def main(args) -> None:
     master = rank == 0
     schedule = make_schedule(args)
     iters = schedule["iters"]
-    preset = evaluate.dataset_preset(args.dataset, args.crop_size)
+    preset = data.get_preset(args.dataset, args.crop_size)
     crop = preset["crop_size"]
-    window = evaluate.window_of(preset)
+    window = data.window_of(preset)
     if args.num_prompts is not None and not 1 <= args.num_prompts <= len(preset["templates"]):
         sys.exit(f"error: --num-prompts must be 1..{len(preset['templates'])} for {args.dataset}")
     templates = preset["templates"][:args.num_prompts]
@@ -356,22 +350,22 @@ def main(args) -> None:
     micro_batch = schedule["batch_size"] // (world_size * accumulation)
 
     # Everything that can be wrong is checked before anything is written.
-    resume = evaluate.read_checkpoint(args.resume) if args.resume else None
+    resume = checkpoint.read_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         check_resume(resume, args, schedule, args.resume)
-    init = evaluate.read_checkpoint(args.init_from) if args.init_from and resume is None else None
+    init = checkpoint.read_checkpoint(args.init_from) if args.init_from and resume is None else None
     if args.setting == "transductive" and args.init_from is None and resume is None:
         print0("warning: the transductive setting starts from the inductive run's half-way checkpoint "
                "(--init-from RUN/iter_HALF.pt); training from scratch instead")
     torch.manual_seed(args.seed)  # the same initial prompts and head on every process
-    clip_model = evaluate.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
-    description = evaluate.describe_clip(clip_model, args.clip_weights)
+    clip_model = checkpoint.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
+    description = checkpoint.describe_clip(clip_model, args.clip_weights)
     model = OTSeg(clip_model, templates, matching=args.matching, implicit_grad=args.implicit_grad).to(device)
     params = [p for _, p in trainable_parameters(model)]
     for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
         if ckpt is not None:
-            evaluate.check_same_clip(ckpt["clip"], description, what, strict=ckpt is resume)
-            evaluate.load_trainable(model, ckpt["model"], what)
+            checkpoint.check_same_clip(ckpt["clip"], description, what, strict=ckpt is resume)
+            checkpoint.load_trainable(model, ckpt["model"], what)
     try:
         train_set = data.SegmentationDataset(preset, args.data_root, "train", args.setting,
                                              transform=data.train_transform(preset))
@@ -430,7 +424,7 @@ def main(args) -> None:
         num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=data.seed_worker,
         generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
     forward = torch.compile(model) if args.compile else model
-    amp = evaluate.autocast(device, args.amp)
+    amp = autocast(device, args.amp)
     if args.amp and device.type != "cuda":
         print0("note: --amp is for CUDA; training in fp32")
     unseen_lookup = None
@@ -492,8 +486,7 @@ def main(args) -> None:
     if master:
         print0(f"saved {os.path.join(output_dir, 'ckpt.pt')} at step {stop} of {iters}")
         log.close()
-    if world_size > 1:
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
+import benchmark
+import checkpoint as checkpoints  # the module; `checkpoint` is the fixture below
 import clip
 import data
 import evaluate
+import visualize
 from model import OTSeg, trainable_parameters
 from mpsa import MPSADecoder
 
@@ -40,16 +43,16 @@ def fake_root(tmp_path_factory):
 def checkpoint(tmp_path_factory):
     """A checkpoint in train.py's format: a random-tiny model trained on nothing, VOC inductive."""
     torch.manual_seed(0)
-    preset = evaluate.dataset_preset("voc", 64)
-    clip_model = evaluate.build_clip("random-tiny", 4, 64, CPU)
+    preset = data.get_preset("voc", 64)
+    clip_model = checkpoints.build_clip("random-tiny", 4, 64, CPU)
     model = OTSeg(clip_model, preset["templates"][:3]).eval()
-    ckpt = dict(format=evaluate.FORMAT, model=evaluate.trainable_state_dict(model),
-                clip=evaluate.describe_clip(clip_model, "random-tiny"), templates=model.templates,
+    ckpt = dict(format=checkpoints.FORMAT, model=checkpoints.trainable_state_dict(model),
+                clip=checkpoints.describe_clip(clip_model, "random-tiny"), templates=model.templates,
                 matching="sinkhorn", dataset="voc", setting="inductive", classes=list(preset["classes"]),
                 unseen=list(preset["unseen"]), crop_size=64, window=dict(crop=[64, 64], stride=[40, 40]),
                 step=0, args={}, schedule={})
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    evaluate.atomic_save(ckpt, str(path))
+    checkpoints.atomic_save(ckpt, str(path))
     return str(path), model
 
 
@@ -117,7 +120,7 @@ def test_windows_cover_every_pixel_and_average_overlaps(size):
 
 def test_two_processes_give_exactly_the_one_process_confusion_matrix(checkpoint, fake_root, tmp_path):
     path, model = checkpoint
-    preset = evaluate.dataset_preset("voc", 64)
+    preset = data.get_preset("voc", 64)
     dataset = data.SegmentationDataset(preset, fake_root["voc"], "val", "fully", transform=data.test_transform(preset))
     window = dict(crop=(64, 64), stride=(40, 40))
     one = evaluate.evaluate(model, dataset, list(preset["classes"]), list(preset["unseen"]), True, window, CPU,
@@ -197,7 +200,7 @@ def test_release_checkpoint_converts_to_the_same_model(checkpoint, tmp_path):
         p.data.normal_()
     state_dict = release_layout(model, model.clip)
     torch.save({"meta": {"iter": 20000}, "state_dict": state_dict}, tmp_path / "release.pth")
-    ckpt = evaluate.convert_release_checkpoint(torch.load(tmp_path / "release.pth", weights_only=True), "voc",
+    ckpt = checkpoints.convert_release_checkpoint(torch.load(tmp_path / "release.pth", weights_only=True), "voc",
                                                "inductive", "random-tiny", CPU)
     assert ckpt["clip"]["prompt_tokens"] == 4 and ckpt["step"] == 20000 and ckpt["setting"] == "inductive"
     converted = dict(ckpt["model"])
@@ -205,7 +208,7 @@ def test_release_checkpoint_converts_to_the_same_model(checkpoint, tmp_path):
         assert torch.equal(converted[name], p.detach()), name
     state_dict["decode_head.unknown.weight"] = torch.ones(1)
     with pytest.raises(SystemExit, match="unknown keys"):
-        evaluate.convert_release_state_dict(state_dict, dict(trainable_parameters(model)))
+        checkpoints.convert_release_state_dict(state_dict, dict(trainable_parameters(model)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,16 +227,16 @@ def test_paper_macs_count_linear_and_conv_outside_clip_attention(checkpoint):
                 + K * N * 2 * C * C  # relationship descriptor
                 + 2 * (2 * K * N * C * C + 2 * M * C * C + 2 * K * N * C * 4 * C)  # decoder layers 1-2
                 + K * N * C * C + M * C * C)  # layer 3: query and key projections
-    macs = evaluate.paper_macs(model, torch.randn(1, 3, 64, 64), names)
+    macs = benchmark.paper_macs(model, torch.randn(1, 3, 64, 64), names)
     assert macs == expected, (macs, expected)
-    assert evaluate.full_flops(model, torch.randn(1, 3, 64, 64), names) > 2 * macs  # attention counted
-    table = evaluate.efficiency_table(model, names, 64, CPU, iters=1, amp=False)
+    assert benchmark.full_flops(model, torch.randn(1, 3, 64, 64), names) > 2 * macs  # attention counted
+    table = benchmark.efficiency_table(model, names, 64, CPU, iters=1, amp=False)
     assert "OTSeg+ (MPSA)" in table and "softmax cross-attention" in table
 
 
 def test_release_overheads_are_the_papers_13_8m():
     head = SimpleNamespace(relationship_descriptor=torch.nn.Linear(1024, 512), decoder=MPSADecoder(512))
-    parameters, macs = evaluate.release_overheads(head, num_queries=20 * 6, num_pixels=32 * 32)
+    parameters, macs = benchmark.release_overheads(head, num_queries=20 * 6, num_pixels=32 * 32)
     assert parameters == 3_154_944 + 2_627_072  # FACTS 3: self-attention + the last layer's unused weights
     assert 8_039_168 + parameters == pytest.approx(13.8e6, abs=0.05e6)
     assert macs == 32 * 32 * 512 * 512 + 120 * 512 * 512 + 2 * 120 * 512 * 2048  # ~0.55 G: 61.3 -> 61.9
@@ -245,7 +248,7 @@ def test_release_overheads_are_the_papers_13_8m():
 
 def test_checkpoint_from_another_backbone_or_unreadable(checkpoint, fake_root, tmp_path):
     path, _ = checkpoint
-    torch.save(clip.CLIP(**dict(evaluate.RANDOM_TINY, vision_layers=3)).state_dict(), tmp_path / "deep.pt")
+    torch.save(clip.CLIP(**dict(clip.TINY, vision_layers=3)).state_dict(), tmp_path / "deep.pt")
     with pytest.raises(SystemExit, match=r"vision_layers 2 \(this CLIP: 3\)"):
         run_main("--checkpoint", path, "--clip-weights", tmp_path / "deep.pt", "--data-root", fake_root["voc"],
                  "--device", "cpu", "--output-json", tmp_path / "never.json")

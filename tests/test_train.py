@@ -14,7 +14,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import checkpoint
 import clip
+import common
 import data
 import evaluate
 import losses
@@ -108,8 +110,8 @@ def test_uneven_world_size_is_a_clear_error():
 @pytest.fixture(scope="module")
 def tiny_model(fake_voc):
     torch.manual_seed(0)
-    preset = evaluate.dataset_preset("voc", 64)
-    clip_model = evaluate.build_clip("random-tiny", 4, 64, torch.device("cpu"))
+    preset = data.get_preset("voc", 64)
+    clip_model = checkpoint.build_clip("random-tiny", 4, 64, torch.device("cpu"))
     model = OTSeg(clip_model, preset["templates"][:3]).eval()  # eval: dropout off, the step is deterministic
     dataset = data.SegmentationDataset(preset, fake_voc, "train", "fully", transform=data.train_transform(preset))
     torch.manual_seed(1)
@@ -161,7 +163,7 @@ def test_bf16_autocast_step_on_cuda_is_close_to_fp32(tiny_model):
     for amp in (False, True):
         optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: both steps see the same weights
         stats = train.train_step(model, optimizer, batch, names, 0.0, params, 1,
-                                 evaluate.autocast(torch.device("cuda"), amp), dict(train.SCHEDULE))
+                                 common.autocast(torch.device("cuda"), amp), dict(train.SCHEDULE))
         losses_by_precision.append(stats[0].item())
     assert all(math.isfinite(x) for x in losses_by_precision)
     assert losses_by_precision[1] == pytest.approx(losses_by_precision[0], rel=0.05), losses_by_precision
@@ -250,7 +252,7 @@ def test_checkpoint_with_other_prompt_tokens(fake_voc, finished_run, tmp_path):
 
 
 def test_checkpoint_from_another_backbone(fake_voc, finished_run, tmp_path):
-    other = dict(evaluate.RANDOM_TINY, vision_width=128)
+    other = dict(clip.TINY, vision_width=128)
     torch.save(clip.CLIP(**other).state_dict(), tmp_path / "wide.pt")
     expect_error("vision_width 64 (this CLIP: 128)", *TINY, "--data-root", fake_voc,
                  "--clip-weights", tmp_path / "wide.pt", "--init-from", os.path.join(finished_run, "ckpt.pt"),

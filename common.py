@@ -1,0 +1,68 @@
+"""common.py -- what every program of the project shares: processes, printing, mixed precision.
+
+train.py, evaluate.py and the benchmarks run as one process (`python train.py ...`) or as many under
+torchrun (`torchrun --nproc_per_node 4 train.py ...`). torchrun tells each process who it is through
+environment variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); this file reads them,
+joins the process group (NCCL on CUDA GPUs, gloo on the CPU so that two processes can run on a
+laptop), and leaves it again. Multi-node runs are the same programs with torchrun's own flags.
+
+Nothing here is specific to OTSeg; a reader copying a chapter does not need it.
+"""
+import inspect
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def print0(*args, **kwargs):
+    """print on the first process only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_process_group_kwargs(backend: str, device: torch.device) -> dict:
+    """Arguments of dist.init_process_group for this torch version.
+
+    `device_id` (bind the NCCL communicator to this process's GPU at once, instead of guessing it at
+    the first collective) exists from torch 2.3 on; requirements.txt allows torch 2.1, whose
+    init_process_group has no such argument, so it is passed only where the signature has it.
+    """
+    kwargs = dict(backend=backend)
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = device
+    return kwargs
+
+
+def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
+    """-> (rank, world size, device) from torchrun's environment variables; NCCL on CUDA, gloo on CPU.
+
+    Plain `python train.py` (or evaluate.py) is rank 0 of 1 with no process group.
+    """
+    if device_name is None:
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, torch.device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_name.startswith("cuda"):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(**init_process_group_kwargs("nccl", device))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group(**init_process_group_kwargs("gloo", device))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def close_distributed() -> None:
+    """Leave the process group at the end of a program (nothing to do without one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when asked, else nothing; Sinkhorn runs in fp32 inside it (sinkhorn.py)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import evaluate
+import visualize
+from checkpoint import build_model_from_checkpoint, read_checkpoint as read_otseg_checkpoint
 from clip import CLIP, architecture, tokenize
 from data import DATASETS, SegmentationDataset, test_transform
 
@@ -449,10 +451,10 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
     labels = torch.stack([s['label'] for s in samples])  # (B, H, W), 255 = background
     seen = torch.ones(len(CLASSES), dtype=torch.bool)
     seen[UNSEEN] = False
-    columns = [('scene', [np.asarray(evaluate.denormalize(image)) for image in images]),
+    columns = [('scene', [np.asarray(visualize.denormalize(image)) for image in images]),
                ('truth', [paint(label.numpy()) for label in labels])]
     for title, (checkpoint, inference) in checkpoints.items():
-        model = evaluate.build_model_from_checkpoint(evaluate.read_checkpoint(checkpoint), None, torch.device('cpu'))
+        model = build_model_from_checkpoint(read_otseg_checkpoint(checkpoint), None, torch.device('cpu'))
         probabilities = evaluate.make_predictor(model, CLASSES, seen)(images)[inference]  # (B, K, H, W)
         predicted = torch.where(labels == 255, 255, probabilities.argmax(dim=1))  # (B, H, W)
         columns.append((title, [paint(p.numpy()) for p in predicted]))

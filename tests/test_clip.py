@@ -6,7 +6,10 @@ import copy
 import importlib.metadata
 import importlib.util
 import os
+import pickle
 import sys
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -15,8 +18,6 @@ import torch.nn.functional as F
 import clip
 import data
 
-TINY = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
 TEXTS = ["a photo of a cat.", "a portrait of a tv monitor.", "Hello,   WORLD!! 42 &amp; naïve café"]
 
 
@@ -143,7 +144,7 @@ VIT_L_14 = dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_wi
                 context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12)
 
 
-@pytest.mark.parametrize("args", [clip.VIT_B_16, VIT_L_14, TINY], ids=["ViT-B/16", "ViT-L/14", "tiny"])
+@pytest.mark.parametrize("args", [clip.VIT_B_16, VIT_L_14, clip.TINY], ids=["ViT-B/16", "ViT-L/14", "tiny"])
 def test_every_size_inferred_from_weights(args):
     with torch.device("meta"):  # shapes only, no memory
         state_dict = clip.CLIP(**args).state_dict()
@@ -203,28 +204,96 @@ def test_vocabulary_checked_by_sha256(monkeypatch):
 def tiny_openai(openai_clip):
     """A small OpenAI CLIP with random weights rounded to fp16, in fp32."""
     torch.manual_seed(3)
-    model = openai_clip.model.CLIP(**TINY).eval()
+    model = openai_clip.model.CLIP(**clip.TINY).eval()
     model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
     return model
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+@pytest.fixture(scope="module")
 @torch.no_grad()
-def test_load_torchscript_archive(tiny_openai, tmp_path):
+def torchscript_archive(tiny_openai, tmp_path_factory):
+    """(path, module): tiny_openai traced and saved as OpenAI ships its weights (fp16, three scalar buffers)."""
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    texts = clip.tokenize(TEXTS)
     program = copy.deepcopy(tiny_openai)
     for name, value in (("input_resolution", 64), ("context_length", 77), ("vocab_size", 49408)):
         program.__dict__.pop(name, None)  # a plain attribute here, a tensor in OpenAI's archives
         program.register_buffer(name, torch.tensor(value))
-    archive = torch.jit.trace(program, (images, texts.int()), check_trace=False).half()  # fp16 weights, as OpenAI's
-    path = tmp_path / "ViT-tiny.pt"
-    torch.jit.save(archive, str(path))
-    model = clip.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        archive = torch.jit.trace(program, (images, clip.tokenize(TEXTS).int()), check_trace=False).half()
+        path = tmp_path_factory.mktemp("archive") / "ViT-tiny.pt"
+        torch.jit.save(archive, str(path))
+    return path, archive
+
+
+def test_torchscript_weights_read_without_torch_jit(torchscript_archive, monkeypatch):
+    path, archive = torchscript_archive
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: pytest.fail("torch.jit.load was called"))
+    weights = clip.read_torchscript_weights(str(path))
+    expected = archive.state_dict()
+    assert set(weights) == set(expected), set(weights) ^ set(expected)
+    for name, value in expected.items():
+        assert weights[name].dtype == value.dtype, name
+        assert_close(weights[name].double(), value.double(), 0, name)
+
+
+@torch.no_grad()
+def test_load_torchscript_archive(tiny_openai, torchscript_archive):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    texts = clip.tokenize(TEXTS)
+    model = clip.load(str(torchscript_archive[0]))
     assert model.logit_scale.dtype == torch.float32
     assert_close(model.encode_image(images), tiny_openai.encode_image(images), 1e-5, "image after load")
     assert_close(model.encode_text(texts), tiny_openai.encode_text(texts.int()), 1e-5, "text after load")
     assert_close(model(images, texts)[0], tiny_openai(images, texts.int())[0], 1e-4, "logits after load")
+
+
+class RunsCommand:
+    """Unpickled, this calls os.system(command): what a hostile weights file would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_archive_naming_another_global_is_refused_unrun(torchscript_archive, tmp_path):
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(torchscript_archive[0]) as source, zipfile.ZipFile(hostile, "w") as target:
+        for item in source.infolist():  # the real archive, its data.pkl replaced
+            data = source.read(item)
+            if item.filename.endswith("/data.pkl"):
+                data = pickle.dumps({"visual": RunsCommand(f"touch {marker}")}, protocol=2)
+            target.writestr(item, data)
+    with pytest.raises(ValueError, match="refused to load 'posix.system'|refused to load 'nt.system'") as info:
+        clip.load(str(hostile))
+    assert str(hostile) in str(info.value)
+    assert not marker.exists(), "the archive's code ran"
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "tensor dict", "list", "runs code", "truncated archive"])
+def test_files_that_are_not_clip_weights(kind, tmp_path, torchscript_archive):
+    path, marker = tmp_path / "weights.pt", tmp_path / "ran"
+    if kind == "random bytes":
+        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+                         .numpy().tobytes())
+    elif kind == "tensor dict":
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif kind == "list":
+        torch.save([torch.zeros(3)], path)
+    elif kind == "runs code":
+        torch.save({"weight": RunsCommand(f"touch {marker}")}, path)
+    else:
+        path.write_bytes(torchscript_archive[0].read_bytes()[:-5000])
+    with pytest.raises(ValueError) as info:
+        clip.load(str(path))
+    message = str(info.value)
+    print(message)
+    assert message.startswith(f"{path} is not CLIP weights (") and "\n" not in message
+    assert "ViT-B-16.pt" in message and "torch.save(model.state_dict())" in message
+    assert not marker.exists()
 
 
 @torch.no_grad()
@@ -253,7 +322,7 @@ def test_missing_weights_message(tmp_path):
 @pytest.fixture()
 def tiny_vpt():
     torch.manual_seed(5)
-    return clip.CLIP(**dict(TINY, image_resolution=96), prompt_tokens=3).eval()  # 6 x 6 positional table
+    return clip.CLIP(**dict(clip.TINY, image_resolution=96), prompt_tokens=3).eval()  # 6 x 6 positional table
 
 
 @torch.no_grad()

@@ -56,9 +56,22 @@ def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
 
 
 def close_distributed() -> None:
-    """Leave the process group at the end of a program (nothing to do without one)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group at the end of a program (nothing to do without one).
+
+    Not a bare destroy_process_group: on torch before 2.8 it can hang forever at exit, because it
+    holds the interpreter lock while it waits for gloo's background threads, and one of them may
+    still be freeing the tensors of the last collective (here the random states that
+    all_gather_object gathered for the checkpoint), which needs that lock. Fixed in torch 2.8
+    (pytorch PR 154976). Neither a plain barrier nor another collective before destroying helps;
+    waiting on an asynchronous barrier, destroying the group, and only then dropping the barrier's
+    work handle does (tests/test_common.py repeats it).
+    """
+    if not dist.is_initialized():
+        return
+    work = dist.barrier(async_op=True)
+    work.wait()
+    dist.destroy_process_group()
+    del work  # only after the group is gone (see above)
 
 
 def autocast(device: torch.device, enabled: bool):

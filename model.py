@@ -152,8 +152,9 @@ class OTSeg(nn.Module):
         global_embedding, dense = self.clip.encode_dense(images)  # (B, C), (B, C, h, w)
         B, C, h, w = dense.shape
         K, N, _ = text.shape
-        g = F.normalize(global_embedding, dim=-1)  # (B, C)
-        pixels = F.normalize(dense.flatten(2).transpose(1, 2), dim=-1)  # (B, C, M) -> (B, M, C)
+        dtype = torch.promote_types(dense.dtype, torch.float32)  # unit vectors in fp32 under autocast too
+        g = F.normalize(global_embedding.to(dtype), dim=-1)  # (B, C)
+        pixels = F.normalize(dense.flatten(2).transpose(1, 2).to(dtype), dim=-1)  # (B, C, M) -> (B, M, C)
 
         # Relationship descriptor: the image's global embedding modulates every text embedding.
         text = text.to(g.dtype)
@@ -163,8 +164,13 @@ class OTSeg(nn.Module):
 
     @staticmethod
     def prompt_similarities(pixels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Eq. 8: cosine similarity of every pixel with every (class, prompt) query, (B, K, M, N)."""
-        return torch.einsum("bmc,bknc->bkmn", pixels, F.normalize(queries, dim=-1))
+        """Eq. 8: cosine similarity of every pixel with every (class, prompt) query, (B, K, M, N).
+
+        In fp32 (fp64 stays) under autocast too, as MPSA's (mpsa.sinkhorn_matching): Sinkhorn divides
+        the similarities by eps = 0.05, so bf16's ~3 digits would move the plan by about 1%."""
+        dtype = torch.promote_types(pixels.dtype, torch.float32)
+        with torch.autocast(device_type=pixels.device.type, enabled=False):
+            return torch.einsum("bmc,bknc->bkmn", pixels.to(dtype), F.normalize(queries.to(dtype), dim=-1))
 
     def forward(self, images: torch.Tensor, class_names: list[str]) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W), H and W multiples of the patch size; K class names.
@@ -200,7 +206,7 @@ class OTSeg(nn.Module):
         """
         probabilities = torch.sigmoid(lam * decoder + (1 - lam) * score)  # (B, K, H, W)
         if seen is not None:
-            shift = calibration * seen.to(probabilities.dtype)  # (K,)
+            shift = calibration * seen.to(probabilities.device, probabilities.dtype)  # (K,)
             probabilities = probabilities - shift[None, :, None, None]
         return probabilities
 

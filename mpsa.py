@@ -57,9 +57,13 @@ def sinkhorn_matching(q: torch.Tensor, k: torch.Tensor, eps: float = 0.05, n_ite
 
     `implicit_grad=True` differentiates the converged plan instead of the unrolled iterations
     (`sinkhorn.sinkhorn_log`): less training memory, not the release's gradient."""
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
-    sim = torch.einsum("bknc,bmc->bkmn", q, k)  # (B, K, M, N) cosine similarities
+    # In fp32 (fp64 stays) whatever the autocast: a bf16 cosine keeps ~3 digits, and Sinkhorn divides
+    # it by eps = 0.05 inside an exponential (1% error on the plan in bf16, 1e-7 in fp32).
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = F.normalize(q.to(dtype), dim=-1)
+        k = F.normalize(k.to(dtype), dim=-1)
+        sim = torch.einsum("bknc,bmc->bkmn", q, k)  # (B, K, M, N) cosine similarities
     return mps(sim, eps=eps, n_iters=n_iters, tol=tol, return_plan=True,
                implicit_grad=implicit_grad)  # (B, K, M), (B, K, M, N)
 

@@ -1,4 +1,6 @@
 """Tests of model.py with a tiny random CLIP; the ViT-B/16 parameter counts on the meta device."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,3 +193,19 @@ def test_clip_is_frozen_but_prompts(tiny_clip):
     frozen = [n for n, p in tiny_clip.named_parameters() if not p.requires_grad]
     assert "token_embedding.weight" in frozen and "visual.conv1.weight" in frozen
     assert {n for n, p in tiny_clip.named_parameters() if p.requires_grad} == PROMPTS
+
+
+@pytest.mark.cuda
+def test_training_step_on_cuda_under_bf16_autocast(tiny_clip):
+    """Forward, losses and backward on the GPU in bf16 autocast; Sinkhorn's outputs stay fp32 and the
+    inductive calibration accepts a seen-class mask left on the CPU."""
+    model = make_model(copy.deepcopy(tiny_clip)).cuda().train()
+    x, labels = images(2, 64, 64).cuda(), torch.randint(0, 3, (2, 64, 64)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x, CLASSES)
+        losses = otseg_loss(out, labels, count_masks(labels, 3).clamp(min=1))
+    assert out["score"].dtype == out["decoder"].dtype == torch.float32
+    losses["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable_parameters(model))
+    probabilities = OTSeg.ensemble(out["decoder"], out["score"], seen=torch.tensor([True, False, True]))
+    assert probabilities.device.type == "cuda" and torch.isfinite(probabilities).all()

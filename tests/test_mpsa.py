@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpsa import MATCHINGS, MPSADecoder, MultiPromptAttention, softmax_mask_logits
+from mpsa import MATCHINGS, MPSADecoder, MultiPromptAttention, sinkhorn_matching, softmax_mask_logits
 from sinkhorn import mps
 
 
@@ -194,3 +194,30 @@ def test_implicit_gradient_matches_unrolled_gradient_at_convergence():
         D.pow(2).sum().backward()
         grads[implicit] = torch.cat([p.grad.flatten() for p in decoder.parameters()])
     assert_close(grads[True], grads[False], atol=1e-8, rtol=1e-6)
+
+
+def test_sinkhorn_matching_in_float32_under_bf16_autocast():
+    # The cosine similarities are divided by eps = 0.05 inside Sinkhorn's exponential: computed in
+    # bf16 they would move the plan by about 1%; in fp32 autocast must change nothing measurable.
+    q, k = torch.randn(2, 3, 4, 32), torch.randn(2, 50, 32)
+    expected_mask, expected_plan = sinkhorn_matching(q, k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask, plan = sinkhorn_matching(q, k)
+    assert mask.dtype == plan.dtype == torch.float32
+    assert_close(mask, expected_mask, atol=1e-6, rtol=0)
+    assert_close(plan, expected_plan, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("matching", MATCHINGS)
+def test_decoder_on_cuda_matches_cpu(matching):
+    torch.manual_seed(0)
+    decoder = MPSADecoder(dim=32, ffn_dim=128, matching=matching, num_heads=4).eval()
+    queries, memory = inputs(2, 3, 4, 64, 32)
+    expected, _ = decoder(queries, memory)
+    D, masks = decoder.cuda()(queries.cuda(), memory.cuda())
+    assert_close(D.cpu(), expected, atol=1e-4, rtol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        D_bf16, _ = decoder(queries.cuda(), memory.cuda())
+    assert torch.isfinite(D_bf16).all()
+    assert matching == "softmax" or D_bf16.dtype == torch.float32  # MPSA's masks stay fp32

@@ -42,8 +42,8 @@ def build_clip(weights: str, prompt_tokens: int, image_size: int, device: torch.
         return clip.build_model(state_dict, prompt_tokens, image_size).to(device)
     try:
         return clip.load(weights, prompt_tokens=prompt_tokens, image_size=image_size, device=device)
-    except FileNotFoundError as error:
-        sys.exit(f"error: {error}")
+    except (FileNotFoundError, ValueError) as error:  # clip.load's messages name the file and what to do
+        sys.exit("error: --clip-weights: " + " ".join(str(error).split()))
 
 
 def describe_clip(clip_model: clip.CLIP, weights: str) -> dict:
@@ -105,9 +105,17 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         sys.exit(f"error: no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a torch file, or a pickle holding more than tensors and containers
-        sys.exit(f"error: cannot read {path} as a checkpoint: {error}")
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if reason.startswith("Weights only load failed"):  # torch's refusal; its advice would be to run the code
+            reason = "it holds more than tensors and plain containers, and reading it could run code"
+        sys.exit(f"error: cannot read {path} as a checkpoint ({reason}): give a checkpoint of train.py "
+                 f"or a released OTSeg .pth")
+    if not isinstance(ckpt, dict):
+        sys.exit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint: give a checkpoint of "
+                 f"train.py or a released OTSeg .pth")
+    return ckpt
 
 
 def build_model_from_checkpoint(ckpt: dict, clip_weights: str | None, device: torch.device) -> OTSeg:
@@ -139,9 +147,12 @@ RELEASE_KEYS = [  # (release key, this project's key), as regular expressions
     (r"decode_head\.decoder_1\.layers\.(\d+)\.multihead_attn\.proj\.(weight|bias)", r"decoder.layers.\1.cross_attn.out_proj.\2"),
     (r"decode_head\.decoder_1\.layers\.(\d+)\.(linear1|linear2|norm2|norm3)\.(weight|bias)", r"decoder.layers.\1.\2.\3"),
 ]
-# Built by the release and never used by its forward pass (its `decode_seg.py`; docs/release.md): the self-attention and its norm,
-# and everything of the last layer but its query and key projections (mapped above, then not found).
-RELEASE_UNUSED = r"decode_head\.decoder_1\.layers\.\d+\.(self_attn\..*|norm1\.(weight|bias))"
+# Saved by MMCV but no weight of the model (docs/release.md): the decoder layers' self-attention and its
+# norm, built and never called by the release's `decode_seg.py` (the last layer's unused parts are
+# mapped above, then not found among ours), and the loss module's persistent buffers (its
+# `criterion.py` registers `empty_weight`, the class weights of a loss term OTSeg does not use).
+RELEASE_UNUSED = (r"decode_head\.decoder_1\.layers\.\d+\.(self_attn\..*|norm1\.(weight|bias))"
+                  r"|decode_head\.loss_decode\..*")
 
 
 def is_release_checkpoint(ckpt: dict) -> bool:
@@ -153,7 +164,8 @@ def convert_release_state_dict(state_dict: dict, trainable: dict[str, torch.Tens
 
     Frozen CLIP weights ('backbone.*' but the prompts, 'text_encoder.*') are dropped: they are
     OpenAI's, rebuilt from --clip-weights (the caller compares the patch embedding). Unused weights of
-    the release's decoder are dropped. Anything else left over, or missing, is an error.
+    the release's decoder and the loss module's buffers are dropped. Anything else left over, or
+    missing, is an error.
     """
     converted, unknown = {}, []
     for key, value in state_dict.items():
@@ -187,6 +199,10 @@ def convert_release_checkpoint(ckpt: dict, source: str, setting: str, clip_weigh
         sys.exit("error: the release checkpoint has no visual prompts (backbone.prompt_embeddings)")
     prompt_tokens = state_dict["backbone.prompt_embeddings"].shape[1]
     preset = data.get_preset(source)
+    classes = ckpt.get("meta", {}).get("CLASSES")  # MMSegmentation writes its dataset's class names there
+    if classes is not None and len(classes) != len(preset["classes"]):
+        sys.exit(f"error: the release checkpoint was trained on a dataset of {len(classes)} classes, not on "
+                 f"{source} ({len(preset['classes'])}): give its dataset as --source")
     clip_model = build_clip(clip_weights, prompt_tokens, preset["crop_size"], device)
     description = describe_clip(clip_model, clip_weights)
     if "backbone.conv1.weight" in state_dict:  # the release saves the frozen weights too: compare

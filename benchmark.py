@@ -6,33 +6,40 @@ for this code, side by side in one run, so that every figure is read as a ratio 
 measured on the same machine at the same time:
 
 1. `sinkhorn`: our batched `sinkhorn_log` against POT (`ot.sinkhorn(method='sinkhorn_log')`, one
-   problem at a time, and `ot.batch.solve_batch`) at OTSeg's sizes: B*K problems of M=1024 pixels
-   x N prompts (VOC: B=16, K=15, N=6; COCO-Stuff: B=4, K=156, N=8). Forward and forward+backward,
-   iterations actually run, host synchronisations per call, and memory (peak CUDA memory on a GPU;
-   on a CPU, the bytes that autograd keeps for the backward pass, which is what grows with the
-   number of unrolled iterations).
-2. `inference`: full-size ViT-B/16 OTSeg+ at 512x512 (random weights: speed does not depend on
+   problem at a time, and `ot.batch.solve_batch` on the same device) at OTSeg's sizes: B*K problems
+   of M=1024 pixels x N prompts (VOC: B=16, K=15, N=6; COCO-Stuff: B=4, K=156, N=8). Forward and
+   forward+backward, iterations actually run, host synchronisations per call, and memory (peak CUDA
+   memory on a GPU; on a CPU, the bytes that autograd keeps for the backward pass, which is what
+   grows with the number of unrolled iterations).
+2. `compile`: the block of Sinkhorn iterations between two convergence tests
+   (`sinkhorn.sinkhorn_log_block`) compiled with torch.compile against eager, beside the floor of
+   two exp passes over the cost per iteration.
+3. `inference`: full-size ViT-B/16 OTSeg+ at 512x512 (random weights: speed does not depend on
    them) against the same model with softmax matching, batch 1 and batch 8.
-3. `training`: one optimisation step (forward, both losses, backward, AdamW) for MPSA and softmax;
+4. `training`: one optimisation step (forward, both losses, backward, AdamW) for MPSA and softmax;
    a small scale on the CPU, and the real scale (512x512, VOC and COCO-Stuff settings, fp32 and
    bf16 autocast) on a GPU.
-4. `table3`: the paper's Table 3 columns (learnable parameters, GMACs in the paper's convention, full
-   GFLOPs, images/s) for OTSeg+ and the softmax matching, with the release's own way of counting.
+5. `table3`: the paper's Table 3 columns (learnable parameters, GMACs in the paper's convention, full
+   GFLOPs, images/s at batch 1) for OTSeg (decoder only), OTSeg+ and the softmax matching, with the
+   release's own way of counting; and at batch 32 (bf16 on a GPU) OTSeg+ against the bare ViT-B/16
+   image tower it is built on.
 
     python benchmark.py                     # everything (CPU: several minutes)
     python benchmark.py --only sinkhorn     # one table
     python benchmark.py --quick             # smaller, for a first look
     python benchmark.py --threads 1         # steadier CPU timings on a machine shared with other jobs
 
-POT is a test-time dependency (`requirements-test.txt`); without it the POT rows are skipped.
-A CPU time is only indicative (and is quoted with the machine it ran on); the figures that count
-for deployment are GPU figures.
+`gpu_check.py` runs these measurements, with the training and evaluation programs, on a GPU in one
+command. POT is a test-time dependency (`requirements-test.txt`); without it the POT rows are
+skipped. A CPU time is only indicative (and is quoted with the machine it ran on); the figures that
+count for deployment are GPU figures.
 """
 import argparse
 import math
 import platform
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,8 +47,10 @@ from torch import nn
 import checkpoint
 import clip
 import common
+import data
+import losses
 import sinkhorn
-from model import OTSeg, trainable_parameters
+from model import OTSeg, trainable_parameters, upsample
 
 # ----------------------------------------------------------------------------------------------
 # Measuring helpers
@@ -126,20 +135,8 @@ def peak_memory(fn, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
-
-
-def print_table(title: str, header: list[str], rows: list[list], note: str = "") -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{{:>{w}}}" for w in widths)
-    print(f"\n{title}")
-    print(line.format(*header))
-    print(line.format(*["-" * w for w in widths]))
-    for row in rows:
-        print(line.format(*[str(x) for x in row]))
-    if note:
-        print(note)
+def mib(n: int | None) -> float | None:
+    return None if n is None else n / 2**20
 
 
 def machine(device: torch.device) -> str:
@@ -148,12 +145,43 @@ def machine(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+@dataclass
+class Table:
+    """One printed table: rows of numbers (None prints as '-'), each column with its format."""
+    title: str
+    header: list[str]
+    formats: list[str]                  # per column, e.g. "{:.1f}"; "{}" for text
+    rows: list[list] = field(default_factory=list)
+    note: str = ""
+
+    def column(self, name: str) -> list:
+        i = self.header.index(name)
+        return [row[i] for row in self.rows]
+
+    def as_dict(self) -> dict:
+        return dict(title=self.title, header=self.header, rows=self.rows, note=self.note)
+
+
+def format_table(table: Table) -> str:
+    cells = [[("-" if x is None else f.format(x)) for x, f in zip(row, table.formats)] for row in table.rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(table.header, *cells)]
+    line = "  ".join(f"{{:{'<' if f == '{}' else '>'}{w}}}" for w, f in zip(widths, table.formats))
+    lines = [table.title, line.format(*table.header), line.format(*["-" * w for w in widths])]
+    lines += [line.format(*row) for row in cells]
+    return "\n".join(lines + ([table.note] if table.note else []))
+
+
+def print_table(table: Table) -> None:
+    print("\n" + format_table(table), flush=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Sinkhorn at OTSeg's sizes
 # ----------------------------------------------------------------------------------------------
 
-# (name, B, K, N): B*K problems of M = 1024 pixels (a 32x32 grid at 512 px) x N prompts.
-SINKHORN_SIZES = [("VOC", 16, 15, 6), ("COCO-Stuff", 4, 156, 8)]
+# (name, P, M, N): P = B*K problems of M pixels (1024: a 32x32 grid at 512 px) x N prompts.
+SINKHORN_SIZES = [("VOC", 16 * 15, 1024, 6), ("COCO-Stuff", 4 * 156, 1024, 8)]
+EPS = 0.05
 
 
 def similarity_problems(problems: int, m: int, n: int, dim: int = 64, seed: int = 0,
@@ -168,66 +196,67 @@ def similarity_problems(problems: int, m: int, n: int, dim: int = 64, seed: int 
     return (pixels @ prompts.transpose(1, 2)).to(device)                  # (P, M, N)
 
 
-def bench_sinkhorn(device: torch.device, quick: bool) -> None:
+def bench_sinkhorn(device: torch.device, quick: bool, sizes: list | None = None) -> list[Table]:
+    """One table per size: ours (unrolled and implicit gradient) against POT's loop and batch solver."""
     try:
         import numpy as np
         import ot
         import ot.batch
     except ImportError:
         ot = None
-    eps = 0.05
-    for name, b, k, n in SINKHORN_SIZES:
-        problems = b * k if not quick else b * k // 4
-        sim = similarity_problems(problems, 1024, n, device=device)
+    if sizes is None:
+        sizes = [(name, p // 4 if quick else p, m, n) for name, p, m, n in SINKHORN_SIZES]
+    tables = []
+    for name, problems, m, n in sizes:
+        sim = similarity_problems(problems, m, n, device=device)
         cost = 1.0 - sim
-        rows = []
+        table = Table(
+            f"Sinkhorn, {name}: {problems} problems of {m} x {n}, eps {EPS} ({machine(device)})",
+            ["solver", "pass", "ms", "x ours fwd", "iters", "host syncs", "peak MiB", "saved MiB", "plan diff"],
+            ["{}", "{}", "{:.1f}", "{:.2f}", "{}", "{}", "{:.1f}", "{:.1f}", "{:.1e}"],
+            note="peak MiB: CUDA only. saved MiB: tensors autograd keeps for backward. "
+                 "plan diff: max |T - T_ours| / max T.")
 
         def ours_forward():
-            return sinkhorn.sinkhorn_log(cost, eps)
+            return sinkhorn.sinkhorn_log(cost, EPS)
 
         with count_host_syncs() as syncs:
-            plan, iters = sinkhorn.sinkhorn_log(cost, eps, return_iters=True)
+            plan, iters = sinkhorn.sinkhorn_log(cost, EPS, return_iters=True)
         t_fwd = time_it(ours_forward, device)
-        rows.append(["ours, batched", "forward", f"{t_fwd * 1e3:.1f}", "1.00", iters, syncs["n"],
-                     mib(peak_memory(ours_forward, device)), "-", "0"])
+        table.rows.append(["ours, batched", "forward", t_fwd * 1e3, 1.0, iters, syncs["n"],
+                           mib(peak_memory(ours_forward, device)), None, 0.0])
 
-        def ours_backward(grad_mode=None):
+        def ours_backward(implicit: bool):
             c = cost.clone().requires_grad_(True)
-            kwargs = {} if grad_mode is None else {"implicit_grad": True}
             with saved_for_backward() as saved:
-                p = sinkhorn.sinkhorn_log(c, eps, **kwargs)
+                p = sinkhorn.sinkhorn_log(c, EPS, implicit_grad=implicit)
             (p * sim).sum().backward()
             return saved["bytes"]
 
-        saved_bytes = ours_backward()
-        t_bwd = time_it(ours_backward, device)
-        rows.append(["ours, batched", "fwd+bwd", f"{t_bwd * 1e3:.1f}", f"{t_bwd / t_fwd:.2f}", iters, "-",
-                     mib(peak_memory(ours_backward, device)), mib(saved_bytes), "-"])
-        if "implicit_grad" in sinkhorn.sinkhorn_log.__code__.co_varnames:
-            saved_implicit = ours_backward("implicit")
-            t_imp = time_it(lambda: ours_backward("implicit"), device)
-            rows.append(["ours, implicit grad", "fwd+bwd", f"{t_imp * 1e3:.1f}", f"{t_imp / t_fwd:.2f}", iters,
-                         "-", mib(peak_memory(lambda: ours_backward("implicit"), device)),
-                         mib(saved_implicit), "-"])
+        for label, implicit in (("ours, batched", False), ("ours, implicit grad", True)):
+            saved_bytes = ours_backward(implicit)
+            t = time_it(lambda: ours_backward(implicit), device)
+            table.rows.append([label, "fwd+bwd", t * 1e3, t / t_fwd, iters, None,
+                               mib(peak_memory(lambda: ours_backward(implicit), device)), mib(saved_bytes), None])
 
         if ot is not None:
             cost64 = cost.double().cpu().numpy()
-            uniform_m, uniform_n = np.full(1024, 1 / 1024), np.full(n, 1 / n)
+            uniform_m, uniform_n = np.full(m, 1 / m), np.full(n, 1 / n)
             subset = min(problems, 24)   # POT's loop is timed on a subset and scaled up (linear in P)
 
             def pot_loop():
-                return [ot.sinkhorn(uniform_m, uniform_n, cost64[i], eps, method="sinkhorn_log",
+                return [ot.sinkhorn(uniform_m, uniform_n, cost64[i], EPS, method="sinkhorn_log",
                                     numItermax=100, stopThr=1e-6) for i in range(subset)]
 
             t_pot = time_it(pot_loop, torch.device("cpu"), repeats=3) * problems / subset
             pot_plans = np.stack(pot_loop())
             diff = np.abs(pot_plans - plan[:subset].double().cpu().numpy()).max() / pot_plans.max()
-            rows.append(["POT sinkhorn_log, one at a time", "forward", f"{t_pot * 1e3:.1f}",
-                         f"{t_pot / t_fwd:.2f}", "<=100", "-", "-", "-", f"{diff:.1e}"])
+            table.rows.append(["POT sinkhorn_log, one at a time", "forward", t_pot * 1e3, t_pot / t_fwd,
+                               "<=100", None, None, None, float(diff)])
 
             def pot_batch(grad="detach"):
                 c = cost.clone().requires_grad_(grad != "detach")
-                res = ot.batch.solve_batch(c, reg=eps, method="log_sinkhorn", max_iter=100, tol=1e-6,
+                res = ot.batch.solve_batch(c, reg=EPS, method="log_sinkhorn", max_iter=100, tol=1e-6,
                                            grad=grad)
                 if grad != "detach":
                     (res.plan * sim).sum().backward()
@@ -235,20 +264,64 @@ def bench_sinkhorn(device: torch.device, quick: bool) -> None:
 
             t_potb = time_it(pot_batch, device, repeats=3)
             diff_b = ((pot_batch() - plan).abs().max() / plan.abs().max()).item()
-            rows.append(["POT solve_batch (log)", "forward", f"{t_potb * 1e3:.1f}", f"{t_potb / t_fwd:.2f}",
-                         "<=100", "-", mib(peak_memory(pot_batch, device)), "-", f"{diff_b:.1e}"])
+            table.rows.append(["POT solve_batch (log)", "forward", t_potb * 1e3, t_potb / t_fwd, "<=100", None,
+                               mib(peak_memory(pot_batch, device)), None, diff_b])
             t_potbb = time_it(lambda: pot_batch("autodiff"), device, repeats=3)
-            rows.append(["POT solve_batch (log)", "fwd+bwd", f"{t_potbb * 1e3:.1f}", f"{t_potbb / t_fwd:.2f}",
-                         "<=100", "-", mib(peak_memory(lambda: pot_batch("autodiff"), device)), "-", "-"])
-        print_table(
-            f"Sinkhorn, {name}: {problems} problems of 1024 x {n}, eps {eps} ({machine(device)})",
-            ["solver", "pass", "ms", "x ours fwd", "iters", "host syncs", "peak MiB", "saved MiB",
-             "plan diff"], rows,
-            "peak MiB: CUDA only. saved MiB: tensors autograd keeps for backward. plan diff: max |T - T_ours| / max T.")
+            table.rows.append(["POT solve_batch (log)", "fwd+bwd", t_potbb * 1e3, t_potbb / t_fwd, "<=100",
+                               None, mib(peak_memory(lambda: pot_batch("autodiff"), device)), None, None])
+        else:
+            table.note += " POT is not installed: its rows are left out."
+        tables.append(table)
+    return tables
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Inference: OTSeg+ with MPS/MPSA against the same model with softmax matching
+# 2. The Sinkhorn block compiled against eager
+# ----------------------------------------------------------------------------------------------
+
+def bench_compile(device: torch.device, quick: bool) -> Table:
+    """One block of CHECK_EVERY log-domain iterations (the work between two convergence tests),
+    eager and compiled, at VOC's size; and the floor of two exp passes over A per iteration, the
+    least any implementation must read and compute (the log-sum-exps over rows and over columns)."""
+    name, problems, m, n = SINKHORN_SIZES[0]
+    problems = problems // 4 if quick else problems
+    cost = 1.0 - similarity_problems(problems, m, n, device=device)
+    log_kernel = -cost / EPS                                              # A, (P, M, N)
+    log_mu = torch.full((problems, m, 1), -math.log(m), device=device)    # (P, M, 1)
+    log_nu = torch.full((problems, 1, n), -math.log(n), device=device)    # (P, 1, N)
+    f, g = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    steps = sinkhorn.CHECK_EVERY
+    table = Table(f"Sinkhorn block of {steps} iterations, {name}: {problems} problems of {m} x {n} "
+                  f"({machine(device)})", ["version", "ms per block", "x eager", "compile s", "max diff"],
+                  ["{}", "{:.2f}", "{:.2f}", "{:.1f}", "{:.1e}"])
+    block = getattr(sinkhorn, "sinkhorn_log_block", None)
+    if block is None:
+        table.note = "sinkhorn.py has no sinkhorn_log_block: nothing to compile."
+        return table
+    eager = block(log_kernel, log_mu, log_nu, f, g, steps)
+    t_eager = time_it(lambda: block(log_kernel, log_mu, log_nu, f, g, steps), device)
+    table.rows.append(["eager", t_eager * 1e3, 1.0, None, 0.0])
+    compiled_block = torch.compile(block, fullgraph=True)  # fullgraph: a graph break is an error here
+    start = time.perf_counter()
+    compiled = compiled_block(log_kernel, log_mu, log_nu, f, g, steps)
+    sync(device)
+    compile_s = time.perf_counter() - start
+    diff = max((a - b).abs().max().item() for a, b in zip(eager, compiled))
+    t_compiled = time_it(lambda: compiled_block(log_kernel, log_mu, log_nu, f, g, steps), device)
+    table.rows.append(["torch.compile", t_compiled * 1e3, t_compiled / t_eager, compile_s, diff])
+
+    def floor():
+        for _ in range(steps):
+            torch.exp(log_kernel + g)
+            torch.exp(log_kernel + f)
+    t_floor = time_it(floor, device)
+    table.rows.append([f"floor: 2 exp passes x {steps}", t_floor * 1e3, t_floor / t_eager, None, None])
+    table.note = "max diff: largest difference of f, g and the error between compiled and eager."
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Inference: OTSeg+ with MPS/MPSA against the same model with softmax matching
 # ----------------------------------------------------------------------------------------------
 
 VIT_B_16 = dict(embed_dim=512, vision_layers=12, vision_width=768, vision_patch_size=16, context_length=77,
@@ -256,21 +329,22 @@ VIT_B_16 = dict(embed_dim=512, vision_layers=12, vision_width=768, vision_patch_
 
 
 def build_otseg(matching: str, image_size: int, prompt_tokens: int, templates: list[str], device,
-                **options):
-    """ViT-B/16-sized OTSeg with random weights (speed does not depend on the weights)."""
-    from clip import CLIP
-    from model import OTSeg
+                sizes: dict = VIT_B_16, **options) -> OTSeg:
+    """OTSeg on a CLIP of `sizes` (ViT-B/16's by default) with random weights: speed and counts do
+    not depend on the weights."""
     torch.manual_seed(0)
-    clip_model = CLIP(image_resolution=image_size, prompt_tokens=prompt_tokens, **VIT_B_16)
+    clip_sizes = {k: v for k, v in sizes.items() if k != "image_resolution"}
+    clip_model = clip.CLIP(image_resolution=image_size, prompt_tokens=prompt_tokens, **clip_sizes)
     return OTSeg(clip_model, templates, matching=matching, **options).to(device)
 
 
-def bench_inference(device: torch.device, quick: bool) -> None:
-    import data
+def bench_inference(device: torch.device, quick: bool) -> Table:
     size = 256 if quick else 512
     batches = [1] if quick else [1, 8]
     classes = data.VOC_CLASSES
-    rows = []
+    table = Table(f"OTSeg+ inference, ViT-B/16, {size}x{size}, K={len(classes)} classes, N=6 prompts "
+                  f"({machine(device)})", ["matching", "batch", "ms/image", "images/s", "x softmax"],
+                  ["{}", "{}", "{:.0f}", "{:.2f}", "{:.3f}"])
     models = {m: build_otseg(m, size, 10, data.TEMPLATES["N6"], device).eval() for m in ("sinkhorn", "softmax")}
     for batch in batches:
         images = torch.randn(batch, 3, size, size, device=device)
@@ -282,24 +356,42 @@ def bench_inference(device: torch.device, quick: bool) -> None:
                     return model.ensemble(out["decoder"], out["score"], lam=0.5)
             times[matching] = time_it(run, device, repeats=3 if not quick else 2)
         for matching in models:
-            rows.append([matching if matching == "softmax" else "sinkhorn (OTSeg+)", batch,
-                         f"{times[matching] / batch * 1e3:.0f}", f"{batch / times[matching]:.2f}",
-                         f"{times[matching] / times['softmax']:.3f}"])
-    print_table(f"OTSeg+ inference, ViT-B/16, {size}x{size}, K={len(classes)} classes, N=6 prompts "
-                f"({machine(device)})", ["matching", "batch", "ms/image", "images/s", "x softmax"], rows)
+            table.rows.append([matching if matching == "softmax" else "sinkhorn (OTSeg+)", batch,
+                               times[matching] / batch * 1e3, batch / times[matching],
+                               times[matching] / times["softmax"]])
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Training: one optimisation step
+# 4. Training: one optimisation step
 # ----------------------------------------------------------------------------------------------
 
+def training_step(model: OTSeg, classes: list[str], batch: int, size: int, device: torch.device,
+                  precision: torch.dtype | None = None, seed: int = 0):
+    """A closure running one optimisation step of `model` on random images and labels, as train.py's
+    (forward under autocast, focal + dice on both outputs, backward, AdamW). It returns the bytes
+    autograd kept for the backward pass."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=g).to(device)
+    labels = torch.randint(0, len(classes), (batch, size, size), generator=g).to(device)
+    model.text_embeddings(classes)   # computed once per run, not per step
 
-def bench_training(device: torch.device, quick: bool) -> None:
-    import inspect
+    def step() -> int:
+        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            with saved_for_backward() as counter:
+                out = model(images, classes)
+                num_masks = losses.count_masks(labels, len(classes)).clamp(min=1)
+                loss = losses.otseg_loss(out, labels, num_masks)["total"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return counter["bytes"]
+    return step
 
-    import data
-    import losses
-    from model import OTSeg
+
+def bench_training(device: torch.device, quick: bool) -> list[Table]:
     if device.type == "cuda":   # the real scale: 512x512, VOC and COCO-Stuff settings
         settings = [("VOC", 512, 4, 10, data.VOC_CLASSES[:15], data.TEMPLATES["N6"]),
                     ("COCO-Stuff", 512, 4, 100, data.COCO_CLASSES[:156], data.TEMPLATES["N8"])]
@@ -307,48 +399,31 @@ def bench_training(device: torch.device, quick: bool) -> None:
     else:                       # a small CPU scale: same model, smaller crops and batch
         settings = [("VOC", 128 if quick else 224, 2, 10, data.VOC_CLASSES[:15], data.TEMPLATES["N6"])]
         precisions = [None]
-    variants = [("sinkhorn", {}), ("softmax", {})]
-    if "implicit_grad" in inspect.signature(OTSeg).parameters:
-        variants.insert(1, ("sinkhorn, implicit grad", {"implicit_grad": True}))
+    variants = [("sinkhorn", {}), ("sinkhorn, implicit grad", {"implicit_grad": True}), ("softmax", {})]
+    tables = []
     for name, size, batch, tokens, classes, templates in settings:
-        rows = []
+        table = Table(f"Training step, {name}: ViT-B/16 + {tokens} prompt tokens, {size}x{size}, batch {batch}, "
+                      f"K={len(classes)}, N={len(templates)} ({machine(device)})",
+                      ["matching", "precision", "s/step", "x softmax", "peak MiB", "saved MiB"],
+                      ["{}", "{}", "{:.2f}", "{:.2f}", "{:.0f}", "{:.0f}"])
         for label, options in variants:
             matching = "softmax" if label == "softmax" else "sinkhorn"
             model = build_otseg(matching, size, tokens, templates, device, **options).train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
-            g = torch.Generator().manual_seed(0)
-            images = torch.randn(batch, 3, size, size, generator=g).to(device)
-            labels = torch.randint(0, len(classes), (batch, size, size), generator=g).to(device)
-            model.text_embeddings(classes)   # computed once per run, not per step
             for precision in precisions:
-                saved = {}
-
-                def step():
-                    with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
-                        with saved_for_backward() as counter:
-                            out = model(images, classes)
-                            num_masks = losses.count_masks(labels, len(classes)).clamp(min=1)
-                            loss = losses.otseg_loss(out, labels, num_masks)["total"]
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    saved["bytes"] = counter["bytes"]
-
+                step = training_step(model, list(classes), batch, size, device, precision)
                 seconds = time_it(step, device, repeats=3 if not quick else 2)
-                rows.append([label, "bf16" if precision else "fp32", f"{seconds:.2f}",
-                             mib(peak_memory(step, device)), mib(saved["bytes"])])
-            del model, optimizer
-        base = {(r[0], r[1]): float(r[2]) for r in rows}
-        for r in rows:
-            r.insert(3, f"{float(r[2]) / base[('softmax', r[1])]:.2f}")
-        print_table(f"Training step, {name}: ViT-B/16 + {tokens} prompt tokens, {size}x{size}, batch {batch}, "
-                    f"K={len(classes)}, N={len(templates)} ({machine(device)})",
-                    ["matching", "precision", "s/step", "x softmax", "peak MiB", "saved MiB"], rows)
+                table.rows.append([label, "bf16" if precision else "fp32", seconds, None,
+                                   mib(peak_memory(step, device)), mib(step())])
+            del model
+        softmax = {row[1]: row[2] for row in table.rows if row[0] == "softmax"}
+        for row in table.rows:
+            row[3] = row[2] / softmax[row[1]]
+        tables.append(table)
+    return tables
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Paper Table 3: learnable parameters, compute per image, images per second
+# 5. Paper Table 3: learnable parameters, compute per image, images per second
 # ----------------------------------------------------------------------------------------------
 
 def paper_macs(model: OTSeg, images: torch.Tensor, class_names: list[str]) -> int:
@@ -377,25 +452,12 @@ def paper_macs(model: OTSeg, images: torch.Tensor, class_names: list[str]) -> in
     return total[0]
 
 
-def full_flops(model: OTSeg, images: torch.Tensor, class_names: list[str]) -> int:
-    """FLOPs of every matrix product, convolution and attention (2 per multiply-accumulate)."""
+def full_flops(fn) -> int:
+    """FLOPs of every matrix product, convolution and attention in fn() (2 per multiply-accumulate)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images, class_names)
+    with FlopCounterMode(display=False) as counter:
+        fn()
     return counter.get_total_flops()
-
-
-def images_per_second(model: OTSeg, images: torch.Tensor, class_names: list[str], iters: int, amp: bool) -> float:
-    with torch.no_grad(), common.autocast(images.device, amp):
-        model(images, class_names)  # warm-up (text embeddings, kernels)
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.time()
-        for _ in range(iters):
-            model(images, class_names)
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
-    return iters * images.shape[0] / (time.time() - start)
 
 
 def release_overheads(model: OTSeg, num_queries: int, num_pixels: int) -> tuple[int, int]:
@@ -410,51 +472,108 @@ def release_overheads(model: OTSeg, num_queries: int, num_pixels: int) -> tuple[
     return parameters, macs
 
 
+def decoder_only(model: OTSeg):
+    """OTSeg's inference (lambda = 1 in Eq. 17) needs only the decoder path: model.forward without
+    the score path (MPS), as a function of (images, class_names) -> decoder logits (B, K, H, W)."""
+    def forward(images: torch.Tensor, class_names: list[str]) -> torch.Tensor:
+        pixels, queries, grid = model.encode(images, class_names)
+        decoder, _ = model.decoder(queries, pixels)                       # (B, K, M)
+        return upsample(decoder, grid, tuple(images.shape[-2:]))          # (B, K, H, W)
+    return forward
+
+
+def images_per_second(forward, images: torch.Tensor, class_names: list[str], repeats: int,
+                      amp: bool = False) -> float:
+    """Images per second of forward(images, class_names) without gradients (bf16 autocast on CUDA with amp)."""
+    def run():
+        with torch.no_grad(), common.autocast(images.device, amp):
+            forward(images, class_names)
+    return images.shape[0] / time_it(run, images.device, repeats=repeats)
+
+
 def efficiency_table(model: OTSeg, class_names: list[str], crop: int, device: torch.device,
-                     iters: int, amp: bool) -> str:
-    """Table 3's columns for MPSA and for the softmax matching, on one crop-sized image."""
+                     repeats: int, amp: bool = False) -> Table:
+    """Table 3's columns for OTSeg (decoder only), OTSeg+ and the softmax matching, one crop-sized image."""
     images = torch.randn(1, 3, crop, crop, device=device)
-    model.text_embeddings(class_names)  # cached before counting: the text tower runs once per class list
+    model.eval().text_embeddings(class_names)  # cached before counting: the text tower runs once per class list
     softmax = OTSeg(model.clip, model.templates, matching="softmax").to(device).eval()
     checkpoint.load_trainable(softmax, checkpoint.trainable_state_dict(model), "the MPSA model")  # same parameters
     softmax.text_embeddings(class_names)
     patch = model.clip.visual.conv1.kernel_size[0]
     extra_params, extra_macs = release_overheads(model, len(class_names) * len(model.templates),
                                                  (crop // patch) ** 2)
-    rows = [f"{'':24s} {'learnable (M)':>13s} {'as release (M)':>14s} {'GMACs':>6s} {'as release':>10s} "
-            f"{'GFLOPs full':>11s} {'images/s':>8s}"]
-    for name, m in (("OTSeg+ (MPSA)", model.eval()), ("softmax cross-attention", softmax)):
+    table = Table(f"Table 3: {len(class_names)} classes x {len(model.templates)} prompts, one {crop}x{crop} "
+                  f"image, batch 1 ({machine(device)}{', bf16' if amp and device.type == 'cuda' else ''})",
+                  ["model", "learnable M", "as release M", "GMACs", "as release", "GFLOPs full", "images/s",
+                   "x softmax time"],
+                  ["{}", "{:.2f}", "{:.2f}", "{:.1f}", "{:.1f}", "{:.1f}", "{:.2f}", "{:.3f}"],
+                  note="GMACs: nn.Linear and conv modules, CLIP's attention not counted, the convention of the "
+                       "paper's 'GFLOPs'; 'as release' adds the weights it builds and runs without using them. "
+                       "OTSeg scores the decoder alone and skips the score path. Paper Table 3, RTX 3090: "
+                       "OTSeg 23.6 and OTSeg+ 22.5 images/s, ZegCLIP 25.6; 13.8M, 61.9 GFLOPs.")
+    rows = (("OTSeg (decoder only)", model, decoder_only(model)), ("OTSeg+ (MPSA)", model, model),
+            ("softmax cross-attention", softmax, softmax))
+    for name, m, forward in rows:
         learnable = sum(p.numel() for _, p in trainable_parameters(m))
         macs = paper_macs(m, images, class_names)
-        rows.append(f"{name:24s} {learnable / 1e6:13.2f} {(learnable + extra_params) / 1e6:14.2f} "
-                    f"{macs / 1e9:6.1f} {(macs + extra_macs) / 1e9:10.1f} "
-                    f"{full_flops(m, images, class_names) / 1e9:11.1f} "
-                    f"{images_per_second(m, images, class_names, iters, amp):8.2f}")
-    rows.append(f"({len(class_names)} classes x {len(model.templates)} prompts, one {crop}x{crop} image on "
-                f"{device}. GMACs: nn.Linear and conv modules, CLIP's attention not counted, the convention "
-                "of the paper's 'GFLOPs'; 'as release' adds the weights it builds and runs without using "
-                "them. Paper Table 3, RTX 3090: OTSeg+ 13.8M, 61.9 GFLOPs, 22.5 FPS)")
-    return "\n".join(rows)
+        with torch.no_grad():
+            flops = full_flops(lambda: forward(images, class_names))
+        speed = images_per_second(forward, images, class_names, repeats, amp)
+        table.rows.append([name, learnable / 1e6, (learnable + extra_params) / 1e6, macs / 1e9,
+                           (macs + extra_macs) / 1e9, flops / 1e9, speed, None])
+    softmax_speed = table.rows[-1][6]
+    for row in table.rows:
+        row[7] = softmax_speed / row[6]
+    return table
 
 
+def bare_tower(clip_model: clip.CLIP) -> clip.CLIP:
+    """The same CLIP without the prompt parameters: the plain image tower OTSeg is built on."""
+    weights = {k: v for k, v in clip_model.state_dict().items() if not k.startswith(clip.PROMPT_PARAMETERS)}
+    return clip.build_model(weights, prompt_tokens=0).requires_grad_(False)
 
 
-def bench_table3(device: torch.device, quick: bool) -> None:
+def backbone_table(model: OTSeg, class_names: list[str], crop: int, batch: int, device: torch.device,
+                   repeats: int) -> Table:
+    """OTSeg+ against the bare image tower it is built on (the same CLIP without prompts or head) at
+    one batch, bf16 autocast on CUDA: what the prompts, text matching and decoder cost at scale."""
+    images = torch.randn(batch, 3, crop, crop, device=device)
+    model.eval().text_embeddings(class_names)
+    bare = bare_tower(model.clip).to(device)
+    amp = device.type == "cuda"
+    table = Table(f"Batch {batch}, {crop}x{crop}{', bf16' if amp else ''}: OTSeg+ against its bare image tower "
+                  f"({machine(device)})", ["model", "images/s", "x tower"], ["{}", "{:.1f}", "{:.3f}"])
+    tower = images_per_second(lambda x, _: bare.encode_image(x), images, class_names, repeats, amp)
+    otseg = images_per_second(model, images, class_names, repeats, amp)
+    table.rows += [["bare CLIP image tower", tower, 1.0], ["OTSeg+", otseg, otseg / tower]]
+    return table
+
+
+def bench_table3(device: torch.device, quick: bool) -> list[Table]:
     """Table 3 at ViT-B/16 size (random weights: counts and speed do not depend on them), VOC's classes."""
-    import data
     size = 256 if quick else 512
     model = build_otseg("sinkhorn", size, 10, data.TEMPLATES["N6"], device).eval()
-    print(efficiency_table(model, list(data.VOC_CLASSES), size, device, iters=2 if quick else 10, amp=False))
+    repeats = 2 if quick else 10
+    return [efficiency_table(model, list(data.VOC_CLASSES), size, device, repeats),
+            backbone_table(model, list(data.VOC_CLASSES), size, 4 if quick else 32, device, repeats)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
+BENCHMARKS = {
+    "sinkhorn": bench_sinkhorn,
+    "compile": bench_compile,
+    "inference": bench_inference,
+    "training": bench_training,
+    "table3": bench_table3,
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["sinkhorn", "inference", "training", "table3"], action="append",
+    parser.add_argument("--only", choices=list(BENCHMARKS), action="append",
                         help="run only these tables (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="smaller problems and fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -464,16 +583,11 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    only = set(args.only or ["sinkhorn", "inference", "training", "table3"])
     print(f"torch {torch.__version__} on {machine(device)}")
-    if "sinkhorn" in only:
-        bench_sinkhorn(device, args.quick)
-    if "inference" in only:
-        bench_inference(device, args.quick)
-    if "training" in only:
-        bench_training(device, args.quick)
-    if "table3" in only:
-        bench_table3(device, args.quick)
+    for name in args.only or list(BENCHMARKS):
+        tables = BENCHMARKS[name](device, args.quick)
+        for table in tables if isinstance(tables, list) else [tables]:
+            print_table(table)
 
 
 if __name__ == "__main__":

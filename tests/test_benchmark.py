@@ -1,0 +1,117 @@
+"""benchmark.py: the paper's Table 3 counting convention by hand, the release's unused weights as
+PyTorch's own decoder layer counts them, and the rows that must equal the model they measure.
+
+Everything runs on the CPU with the small random CLIP (clip.TINY).
+"""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import benchmark
+import checkpoint
+import data
+from model import OTSeg, trainable_parameters
+from mpsa import MPSADecoder
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """OTSeg on the tiny random CLIP (4 prompt tokens, 64x64), VOC's 20 classes x 3 prompts."""
+    torch.manual_seed(0)
+    clip_model = checkpoint.build_clip("random-tiny", 4, 64, CPU)
+    return OTSeg(clip_model, data.TEMPLATES["N6"][:3]).eval()
+
+
+def test_paper_macs_count_linear_and_conv_outside_clip_attention(model):
+    names = list(data.VOC_CLASSES)
+    model.text_embeddings(names)  # computed once per class list, before counting: the text tower is not counted
+    K, N, C, T, W, M, layers = 20, 3, 64, 4, 64, 16, 2  # 64x64 image: 4x4 patches of 16
+    tokens = 1 + T + M
+    expected = (M * 3 * 16 * 16 * W  # patch embedding
+                + layers * T * W * W  # prompt_proj on every layer's prompts
+                + layers * tokens * 2 * W * 4 * W  # CLIP's MLPs (its attention is not counted)
+                + K * N * 2 * C * C  # relationship descriptor
+                + 2 * (2 * K * N * C * C + 2 * M * C * C + 2 * K * N * C * 4 * C)  # decoder layers 1-2
+                + K * N * C * C + M * C * C)  # layer 3: query and key projections
+    images = torch.randn(1, 3, 64, 64)
+    macs = benchmark.paper_macs(model, images, names)
+    assert macs == expected, (macs, expected, macs - expected)
+    with torch.no_grad():
+        flops = benchmark.full_flops(lambda: model(images, names))
+    assert flops > 2 * macs, (flops, 2 * macs)  # attention and the einsums are counted there
+
+
+def test_release_overheads_are_pytorchs_own_decoder_layer_parts():
+    """The release builds nn.TransformerDecoderLayer(512, 8, 2048) three times: self-attention and norm1
+    of every layer are never called, and the last layer's value and output projections, norms and FFN
+    run with their output unused. Counted here from PyTorch's layer, not from a formula."""
+    d, heads, ffn, layers = 512, 8, 2048, 3
+    layer = nn.TransformerDecoderLayer(d, heads, ffn)
+    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    cross = layer.multihead_attn
+    value = (cross.in_proj_weight.numel() + cross.in_proj_bias.numel()) // 3  # the third of the packed q, k, v
+    unused = (layers * count(layer.self_attn, layer.norm1)
+              + value + count(cross.out_proj, layer.norm2, layer.norm3, layer.linear1, layer.linear2))
+
+    queries, pixels = 20 * 6, 32 * 32  # VOC's classes x prompts; a 512x512 crop's patches
+    memory, x = torch.randn(pixels, d), torch.randn(queries, d)
+    with FlopCounterMode(display=False) as counter:  # what the last layer runs for nothing
+        F.linear(memory, cross.in_proj_weight[2 * d:])
+        cross.out_proj(x)
+        layer.linear2(layer.linear1(x))
+    head = SimpleNamespace(relationship_descriptor=nn.Linear(2 * d, d), decoder=MPSADecoder(d, ffn_dim=ffn))
+    parameters, macs = benchmark.release_overheads(head, num_queries=queries, num_pixels=pixels)
+    assert parameters == unused, (parameters, unused)
+    assert macs == counter.get_total_flops() // 2, (macs, counter.get_total_flops() // 2)
+    assert 8_039_168 + parameters == pytest.approx(13.8e6, abs=0.05e6)  # paper Table 3: 13.8M
+
+
+def test_decoder_only_is_the_decoder_output_of_forward(model):
+    images, names = torch.randn(2, 3, 64, 64), ["cat", "dog", "sky"]
+    with torch.no_grad():
+        full = model(images, names)["decoder"]
+        alone = benchmark.decoder_only(model)(images, names)
+    assert torch.equal(alone, full), (alone - full).abs().max()
+
+
+def test_efficiency_table_rows(model):
+    names = list(data.VOC_CLASSES)
+    table = benchmark.efficiency_table(model, names, 64, CPU, repeats=1)
+    rows = {row[0]: row for row in table.rows}
+    assert set(rows) == {"OTSeg (decoder only)", "OTSeg+ (MPSA)", "softmax cross-attention"}
+    learnable = sum(p.numel() for _, p in trainable_parameters(model))
+    extra, _ = benchmark.release_overheads(model, len(names) * 3, 16)
+    for name, row in rows.items():
+        assert row[1] == pytest.approx(learnable / 1e6), name  # the softmax model has the same weights
+        assert row[2] - row[1] == pytest.approx(extra / 1e6), name
+        assert row[6] > 0 and math.isfinite(row[6]), name
+    assert rows["softmax cross-attention"][7] == pytest.approx(1.0)
+
+
+def test_bare_tower_is_the_same_clip_without_prompts(model):
+    bare = benchmark.bare_tower(model.clip)
+    assert not any(n.startswith("visual.prompt") for n, _ in bare.named_parameters())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        difference = (bare.encode_image(images) - model.clip.encode_image(images)).abs().max()
+    assert difference == 0, difference
+    table = benchmark.backbone_table(model, ["cat", "dog"], 64, 2, CPU, repeats=1)
+    assert [row[0] for row in table.rows] == ["bare CLIP image tower", "OTSeg+"]
+    assert table.rows[1][2] == pytest.approx(table.rows[1][1] / table.rows[0][1])
+
+
+def test_count_host_syncs_counts_bool_and_item():
+    x = torch.tensor([1.0, 2.0])
+    with benchmark.count_host_syncs() as syncs:
+        bool(x.sum() > 0)
+        x[0].item()
+        x + 1  # no synchronisation
+    assert syncs["n"] == 2
+    assert torch.Tensor.__bool__ is not None and bool(torch.tensor(1.0))  # the methods are put back

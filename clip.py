@@ -13,7 +13,7 @@ This file holds everything needed for that and nothing more:
   4. `freeze_except_prompts`, the preprocessing, and a small demonstration.
 
 `encode_image` and `encode_text` compute exactly what OpenAI's code computes (in fp32). `encode_dense` is
-OTSeg's image path, following the authors' release (FACTS section 4): deep VPT, positional embedding
+OTSeg's image path, following the authors' release (its `models/backbone/img_encoder.py`): deep VPT, positional embedding
 resized to the grid of the input, last-layer tokens -> prompt_norm -> ln_post -> proj on every token;
 it returns the global embedding (B, C) and the pixel embeddings (B, C, h, w), neither normalised.
 
@@ -224,7 +224,7 @@ class Transformer(nn.Module):
 def resize_positional_embedding(table: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
     """(1 + gh*gw, W) -> (1 + h*w, W): the patch positions are resized bilinearly (align_corners=False)
     as an image, the CLS position is kept. The release resizes 14x14 to the training grid once, then
-    to the grid of each input at every forward (FACTS 4); at the same grid this is the identity."""
+    to the grid of each input at every forward (its `img_encoder.py`); at the same grid this is the identity."""
     W = table.shape[1]
     patch_pos = table[1:].reshape(1, grid[0], grid[1], W).permute(0, 3, 1, 2)  # (1, W, gh, gw)
     patch_pos = F.interpolate(patch_pos, size=tuple(new_grid), mode="bilinear", align_corners=False)  # (1, W, h, w)
@@ -261,7 +261,7 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-        # The release adds class_embedding to the CLS token twice in its dense path (FACTS 4); the published
+        # The release adds class_embedding to the CLS token twice in its dense path (its `img_encoder.py`); the published
         # numbers were trained with it, so encode_dense reproduces it unless this is False.
         self.double_cls_embedding = double_cls_embedding
         self.prompt_tokens = prompt_tokens
@@ -272,7 +272,7 @@ class VisionTransformer(nn.Module):
     def reset_prompts(self):
         """Fresh deep-VPT parameters (Jia et al., 2022) on the default device: one set of T tokens per layer,
         all sent through one shared linear map, then dropout; prompt_norm is new and trainable, before the
-        frozen ln_post (FACTS 1). build_model calls this after loading CLIP's weights."""
+        frozen ln_post (the release's `img_encoder.py`). build_model calls this after loading CLIP's weights."""
         T, W, patch = self.prompt_tokens, self.conv1.out_channels, self.conv1.kernel_size[0]
         bound = math.sqrt(6 / (3 * patch * patch + W))  # VPT's Uniform(-a, a) init: a = 0.0625 at ViT-B/16
         self.prompt_embeddings = nn.Parameter(torch.empty(1, T, W).uniform_(-bound, bound))
@@ -365,7 +365,7 @@ class CLIP(nn.Module):
         return self.visual(image.type(self.dtype))
 
     def encode_dense(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """OTSeg's image path (FACTS 4): global (B, C) and dense (B, C, h, w), projected, not normalised."""
+        """OTSeg's image path (the release's `img_encoder.py`): global (B, C) and dense (B, C, h, w), projected, not normalised."""
         return self.visual.forward_dense(image.type(self.dtype))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
@@ -393,7 +393,8 @@ TINY = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64,
             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
             transformer_layers=2)
 
-# Everything OTSeg trains in the image tower (FACTS 4); all other CLIP weights stay frozen.
+# Everything OTSeg trains in the image tower (paper Sec. 4.1; the release's configs set ft_backbone=False and
+# exclude_key='prompt'); all other CLIP weights stay frozen.
 PROMPT_PARAMETERS = ("visual.prompt_embeddings", "visual.deep_prompt_embeddings", "visual.prompt_proj.",
                      "visual.prompt_norm.")
 

@@ -3,7 +3,8 @@
     L_seg = 100 * L_focal + 1 * L_dice,        L_total = L_seg(decoder D) + L_seg(score map S)
 
 The paper names the losses; the numbers come from the conventions of the authors' release
-(ZegCLIP's, reference FACTS section 5), which this file follows:
+(ZegCLIP's: the release's `models/losses/criterion.py` and its configs, e.g.
+`configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py`), which this file follows:
 - targets are one-hot over the K output channels; a pixel labelled 255 gets an all-zero target, so it
   is a negative for every class (background, padding and, when inductive, unseen pixels alike);
 - focal (alpha 0.25, gamma 2) over all K channels and all pixels: mean over pixels, summed over the
@@ -20,7 +21,7 @@ Notation: B batch, K classes, H x W pixels of the label map. Run `python losses.
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255  # label value that is a negative for every class (FACTS 5)
+IGNORE_INDEX = 255  # label value that is a negative for every class (the release's `criterion.py`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +115,8 @@ def otseg_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor,
     """outputs: dict(decoder=(B, K, H, W), score=(B, K, H, W)) logits at label resolution.
 
     Returns the unweighted terms 'decoder_focal', 'decoder_dice', 'score_focal', 'score_dice' and
-    'total' = sum over both outputs of focal_weight * focal + dice_weight * dice (FACTS 5: 100, 1).
+    'total' = sum over both outputs of focal_weight * focal + dice_weight * dice (the release's
+    configs: mask_weight 100, dice_weight 1).
     """
     losses = {}
     total = 0.0

@@ -1,7 +1,8 @@
 """model.py -- OTSeg: from an image and a list of class names to segmentation logits.
 
 Paper Sec. 4 (Fig. 2-3, Eq. 8-17); the details the paper leaves open follow the authors' release
-(reference FACTS sections 1-3 and 6). One forward pass, with K class names and N prompt templates:
+(its `models/decode_heads/decode_seg.py` and `models/backbone/img_encoder.py`; docs/release.md
+lists them). One forward pass, with K class names and N prompt templates:
 
  1. Text (Sec. 4.1): t = normalize(CLIP_text(template_n.format(name_k)))      (K, N, C)
     The text tower is frozen, so t is computed once per list of names and cached (memory and disk).
@@ -13,12 +14,13 @@ Paper Sec. 4 (Fig. 2-3, Eq. 8-17); the details the paper leaves open follow the 
  5. Decoder path, MPSA (Eq. 11-15, mpsa.py): queries q0, memory v -> D               (B, K, M)
  6. Both reshaped to the patch grid (B, K, h, w) and upsampled bilinearly to the input size.
  7. Inference (Eq. 17): P = sigmoid(lambda D + (1 - lambda) S); lambda = 1 is OTSeg, 0.5 is OTSeg+.
-    Inductive models subtract 0.1 from the seen classes' probabilities (FACTS 6).
+    Inductive models subtract 0.1 from the seen classes' probabilities (the release's `decode_seg.py`).
 
 Class names are an argument of `forward`, not of the constructor: one trained model segments any list
 of names (open vocabulary). What trains: CLIP's prompt parameters (VPT) and the head (relationship
 descriptor + decoder); every other CLIP weight is frozen. With ViT-B/16 that is 8,039,168 parameters
-with 10 prompt tokens and 8,868,608 with 100 (FACTS 3).
+with 10 prompt tokens and 8,868,608 with 100 (the paper's 13.8M also counts weights the release builds
+and never uses: docs/release.md).
 
 `matching="softmax"` gives the baseline of the paper's Table 5(b): softmax cross-attention in the
 decoder, and the cosine similarity summed over prompts instead of MPS in the score path; all else is
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip import CLIP, freeze_except_prompts, tokenize
+from clip import CLIP, TINY, freeze_except_prompts, tokenize
 from mpsa import MATCHINGS, MPSADecoder
 from sinkhorn import mps
 
@@ -202,7 +204,7 @@ class OTSeg(nn.Module):
         """Eq. 17 on logits: P = sigmoid(lam * D + (1 - lam) * S), (B, K, H, W) probabilities.
 
         lam = 1: OTSeg (decoder only); lam = 0.5: OTSeg+. `seen` (bool (K,)): inductive calibration,
-        `calibration` is subtracted from the seen classes' probabilities (FACTS 6).
+        `calibration` is subtracted from the seen classes' probabilities (the release's `decode_seg.py`).
         """
         probabilities = torch.sigmoid(lam * decoder + (1 - lam) * score)  # (B, K, H, W)
         if seen is not None:
@@ -213,15 +215,12 @@ class OTSeg(nn.Module):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    tiny = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
-                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2,
-                transformer_layers=2)
     templates = ["a photo of a {}.", "a part of a {}.", "a segment of a {}."]
     classes = ["cat", "dog", "sky", "grass"]
     images = torch.randn(2, 3, 64, 96)  # non-square: a 4 x 6 patch grid
     for matching in MATCHINGS:
         torch.manual_seed(0)
-        model = OTSeg(CLIP(**tiny, prompt_tokens=4), templates, matching=matching).eval()
+        model = OTSeg(CLIP(**TINY, prompt_tokens=4), templates, matching=matching).eval()
         with torch.no_grad():
             out = model(images, classes)
         probabilities = OTSeg.ensemble(out["decoder"], out["score"], lam=0.5,

@@ -16,8 +16,8 @@ prompts of a class: every prompt receives the same mass and the pixels are share
 so the prompts attend to different parts of the object (paper Fig. 5). "Multi-head" becomes
 "multi-prompt": the attention is single-head and the N prompts play the heads' role.
 
-Decoder (FACTS 3, the authors' release): 3 post-norm layers without self-attention, no positional
-encoding, no final norm:
+Decoder (the authors' release, `models/decode_heads/decode_seg.py`): 3 post-norm layers without
+self-attention, no positional encoding, no final norm:
 
     x = norm2(x + dropout(MPSA(x, v)));   x = norm3(x + dropout(FFN(x)))     FFN: C -> 4C, ReLU, -> C
     D = A_3 * sigmoid(A_1)^(1/2) * sigmoid(A_2)^(1/2)
@@ -147,7 +147,9 @@ class MultiPromptAttention(nn.Module):
 
 
 class MPSADecoderLayer(nn.Module):
-    """Post-norm decoder layer without self-attention (FACTS 3); returns (queries out, mask logits).
+    """Post-norm decoder layer without self-attention (the release's `decode_seg.py`).
+
+    Returns (queries out, mask logits).
 
     Parameter names follow the release's nn.TransformerDecoderLayer subclass: norm1 belonged to the
     self-attention it builds and never calls, so the two norms used are norm2 and norm3.
@@ -224,7 +226,8 @@ class MPSADecoder(nn.Module):
         for layer in self.layers:
             x, mask = layer(x, memory)  # each mask comes from the queries entering its layer
             masks.append(mask)
-        # D = A_L * prod_{l<L} sigmoid(A_l)^(1/2): the earlier masks gate the last one (release).
+        # D = A_L * prod_{l<L} sigmoid(A_l)^(1/2): the earlier masks gate the last one (the release's
+        # `decode_seg.py`).
         decoder = masks[-1]
         for mask in masks[:-1]:
             decoder = decoder * torch.sigmoid(mask).sqrt()

@@ -44,8 +44,9 @@ and prompts, C = 1 - sim, uniform marginals 1/M and 1/N and eps = 0.05,
 
     S*_m = sum_n (M N T*_mn) sim_mn.
 
-The factor M N (from the authors' release) makes each row of M N T* sum to N, like the all-ones
-weights of a plain sum over prompts: S* is a reweighted sum_n sim_mn (and equals sim for N = 1).
+The factor M N (from the authors' release, its `models/decode_heads/decode_seg.py`) makes each row
+of M N T* sum to N, like the all-ones weights of a plain sum over prompts: S* is a reweighted
+sum_n sim_mn (and equals sim for N = 1).
 
 Conventions shared by every function here:
 - shapes are batched over any leading dimensions: cost (..., M, N) -> plan (..., M, N);
@@ -68,9 +69,9 @@ from torch import Tensor
 # then the GPU idles while the CPU queues the next kernels; it also ends a CUDA graph or a
 # torch.compile graph. The release syncs every iteration; we look every CHECK_EVERY iterations, so at
 # most n_iters / CHECK_EVERY syncs, and the iterations in between (`sinkhorn_log_block`) are pure
-# tensor code that torch.compile (train.py --compile) captures as one graph. The price is at most CHECK_EVERY - 1 extra iterations, each of which
-# only moves the plan closer to the fixed point. On real embeddings the release stops after 4-5
-# iterations, so 5 usually stops where it does.
+# tensor code that torch.compile (train.py --compile) captures as one graph. The price is at most
+# CHECK_EVERY - 1 extra iterations, each of which only moves the plan closer to the fixed point. On
+# real embeddings the release stops after 4-5 iterations, so 5 usually stops where it does.
 CHECK_EVERY = 5
 
 
@@ -170,7 +171,7 @@ def _sinkhorn_log_loop(log_kernel: Tensor, log_mu: Tensor, log_nu: Tensor, eps: 
 
     Returns the scaled potentials f = u/eps (..., M, 1), g = v/eps (..., 1, N) and the count.
     """
-    # The release's update order: both potentials start at 0, rows then columns.
+    # The release's update order (its `decode_seg.py`): both potentials start at 0, rows then columns.
     f = torch.zeros_like(log_mu)
     g = torch.zeros_like(log_nu)
     it = 0

@@ -130,8 +130,11 @@ def test_non_square_input(vit_b16):
 
 
 def test_vpt_trainable_counts():
-    # FACTS 3: the VPT image tower of ViT-B/16 trains 684,288 (10 tokens) and 1,513,728 (100 tokens) parameters
-    for tokens, expected in ((10, 684_288), (100, 1_513_728)):
+    """Deep VPT on ViT-B/16 trains T tokens of width 768 for each of the 12 layers, one shared
+    nn.Linear(768, 768) and one nn.LayerNorm(768) (Jia et al. 2022; the release's `img_encoder.py`)."""
+    shared = sum(p.numel() for m in (torch.nn.Linear(768, 768), torch.nn.LayerNorm(768)) for p in m.parameters())
+    for tokens in (10, 100):
+        expected = 12 * tokens * 768 + shared  # 684,288 with 10 tokens, 1,513,728 with 100
         with torch.device("meta"):
             model = clip.CLIP(**clip.VIT_B_16, prompt_tokens=tokens)
         names = clip.freeze_except_prompts(model)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from losses import count_masks, dice_loss, focal_loss, one_hot_targets, otseg_loss, sigmoid_focal_loss
@@ -79,19 +80,36 @@ def test_count_masks():
     assert count_masks(labels, 3).dtype == torch.float32
 
 
+def reference_terms(logits, labels, num_masks):
+    """Focal by torchvision and dice from its definition, on one-hot targets made by F.one_hot
+    (255 -> an extra class that is then dropped): (focal, dice), each / num_masks."""
+    K = logits.shape[1]
+    targets = F.one_hot(labels.where(labels != 255, K), K + 1)[..., :K].permute(0, 3, 1, 2).float()  # (B, K, H, W)
+    focal = torchvision.ops.sigmoid_focal_loss(logits, targets, reduction="none").mean(dim=(2, 3)).sum()
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * targets).sum(dim=(2, 3)) + 1) / (p.sum(dim=(2, 3)) + targets.sum(dim=(2, 3)) + 1)  # (B, K)
+    present = targets.amax(dim=(2, 3)) > 0
+    return focal / num_masks, dice[present].sum() / num_masks
+
+
 def test_otseg_loss_weights_and_gradients():
     torch.manual_seed(2)
     B, K, H, W = 2, 3, 4, 4
     labels = torch.randint(0, K, (B, H, W))
     labels[1, :, :2] = 255
+    labels[0][labels[0] == 2] = 1  # class 2 absent from image 0: no dice term for that pair
     decoder = torch.randn(B, K, H, W, requires_grad=True)
     score = torch.randn(B, K, H, W, requires_grad=True)
     num_masks = count_masks(labels, K)
     losses = otseg_loss(dict(decoder=decoder, score=score), labels, num_masks)
-    expected = (100 * (focal_loss(decoder, labels, num_masks) + focal_loss(score, labels, num_masks))
-                + dice_loss(decoder, labels, num_masks) + dice_loss(score, labels, num_masks))
-    assert_close(losses["total"], expected)
-    assert set(losses) == {"decoder_focal", "decoder_dice", "score_focal", "score_dice", "total"}
+    expected = {}
+    for name, logits in (("decoder", decoder), ("score", score)):
+        expected[f"{name}_focal"], expected[f"{name}_dice"] = reference_terms(logits, labels, num_masks.item())
+    expected["total"] = 100 * (expected["decoder_focal"] + expected["score_focal"]) \
+        + expected["decoder_dice"] + expected["score_dice"]  # paper Eq. 18 with the release's weights 100, 1
+    assert set(losses) == set(expected)
+    for name in expected:
+        assert_close(losses[name].detach(), expected[name].detach())
     losses["total"].backward()
     assert decoder.grad.abs().sum() > 0 and score.grad.abs().sum() > 0
 

@@ -1,20 +1,15 @@
-"""Tests of model.py with a tiny random CLIP; the ViT-B/16 parameter counts on the meta device."""
+"""Tests of model.py with a tiny random CLIP (against POT and hand computations from CLIP's outputs);
+the ViT-B/16 parameter counts on the meta device."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clip import CLIP, tokenize
+from clip import CLIP, TINY, VIT_B_16, tokenize
 from losses import count_masks, otseg_loss
 from model import OTSeg, trainable_parameters
 
-TINY = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=2,
-            transformer_layers=2)
-VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                transformer_layers=12)
 PROMPTS = {"visual.prompt_embeddings", "visual.deep_prompt_embeddings", "visual.prompt_proj.weight",
            "visual.prompt_proj.bias", "visual.prompt_norm.weight", "visual.prompt_norm.bias"}
 TEMPLATES = ["a photo of a {}.", "a part of a {}."]
@@ -55,48 +50,56 @@ def test_shapes_and_eval_determinism(tiny_clip, matching, B, classes, H, W):
         assert torch.equal(out[name], again[name])
 
 
-def low_res_similarities(model, x, classes):
-    """The score path by hand: cosine similarities (B, K, M, N) and the patch grid."""
+def pass_text_through(model, use_global):
+    """Relationship descriptor weights [0, I] (q0 = t) or [I, 0] (q0 = g * t), bias 0."""
+    C = model.relationship_descriptor.out_features
+    blocks = [torch.eye(C), torch.zeros(C, C)] if use_global else [torch.zeros(C, C), torch.eye(C)]
+    with torch.no_grad():
+        model.relationship_descriptor.weight.copy_(torch.cat(blocks, dim=1))
+        model.relationship_descriptor.bias.zero_()
+
+
+def cosines(model, x, classes, use_global):
+    """cos(v_m, q0_kn) from CLIP's own outputs, for the descriptor of pass_text_through: (B, K, h, w, N)."""
+    g, dense = model.clip.encode_dense(x)  # (B, C), (B, C, h, w)
     text = model.text_embeddings(classes)  # (K, N, C)
-    global_embedding, dense = model.clip.encode_dense(x)
-    B, C, h, w = dense.shape
-    g = F.normalize(global_embedding, dim=-1)
-    v = F.normalize(dense.flatten(2).transpose(1, 2), dim=-1)  # (B, M, C)
-    pairs = torch.cat([g[:, None, None] * text, text.expand(B, *text.shape)], dim=-1)
-    q0 = model.relationship_descriptor(pairs)  # (B, K, N, C)
-    sim = torch.einsum("bmc,bknc->bkmn", v, F.normalize(q0, dim=-1))
-    return sim, (h, w)
+    q0 = F.normalize(g, dim=-1)[:, None, None] * text if use_global else text.expand(len(x), *text.shape)
+    return F.cosine_similarity(dense[:, None, :, :, :, None],  # (B, 1, C, h, w, 1)
+                               q0.permute(0, 1, 3, 2)[:, :, :, None, None, :], dim=2)  # (B, K, C, 1, 1, N)
 
 
-def upsampled(low, grid, size):
-    return F.interpolate(low.unflatten(-1, grid), size=size, mode="bilinear", align_corners=False)
+def to_input_size(low, size):
+    """(B, K, h, w) -> (B, K, H, W), bilinear, align_corners=False (the release's upsampling)."""
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False)
 
 
-def test_one_prompt_score_is_the_cosine_similarity(tiny_clip):
-    model = make_model(tiny_clip, templates=["a photo of a {}."]).eval()
+@pytest.mark.parametrize("use_global", [False, True])
+@torch.no_grad()
+def test_score_map_against_cosines_and_pot(tiny_clip, use_global):
+    """The score path from CLIP's outputs: with one prompt the cosine itself (either matching), with
+    several the sum of cosines (softmax) or sum_n M N T_mn cos_mn with POT's plan T (MPS)."""
+    ot = pytest.importorskip("ot")
     x = images(2, 48, 64)
-    with torch.no_grad():
-        out = model(x, CLASSES)
-        sim, grid = low_res_similarities(model, x, CLASSES)
-    assert_close(out["score"], upsampled(sim[..., 0], grid, (48, 64)))
-
-
-def test_softmax_score_sums_cosines_over_prompts(tiny_clip):
-    model = make_model(tiny_clip, matching="softmax").eval()
-    x = images(2, 48, 64)
-    with torch.no_grad():
-        out = model(x, CLASSES)
-        sim, grid = low_res_similarities(model, x, CLASSES)
-    assert_close(out["score"], upsampled(sim.sum(-1), grid, (48, 64)))
-
-
-def test_sinkhorn_score_differs_from_plain_sum_with_several_prompts(tiny_clip):
-    model = make_model(tiny_clip).eval()
-    x = images(1, 48, 64)
-    with torch.no_grad():
-        out = model(x, CLASSES)
-        sim, grid = low_res_similarities(model, x, CLASSES)
-    assert not torch.allclose(out["score"], upsampled(sim.sum(-1), grid, (48, 64)), atol=1e-4)
+    models = {(matching, n): make_model(tiny_clip, templates=TEMPLATES[:n], matching=matching).eval()
+              for matching in ("sinkhorn", "softmax") for n in (1, len(TEMPLATES))}
+    for model in models.values():
+        pass_text_through(model, use_global)
+    cos = cosines(models["sinkhorn", 2], x, CLASSES, use_global)  # (B, K, h, w, N)
+    for matching in ("sinkhorn", "softmax"):
+        assert_close(models[matching, 1](x, CLASSES)["score"], to_input_size(cos[..., 0], (48, 64)))
+    assert_close(models["softmax", 2](x, CLASSES)["score"], to_input_size(cos.sum(-1), (48, 64)))
+    B, K, h, w, N = cos.shape
+    sim = cos.flatten(2, 3).double()  # (B, K, M, N)
+    expected = torch.empty(B, K, h * w, dtype=torch.float64)
+    for b in range(B):
+        for k in range(K):
+            plan = ot.sinkhorn(torch.full((h * w,), 1 / (h * w), dtype=torch.float64),
+                               torch.full((N,), 1 / N, dtype=torch.float64), 1 - sim[b, k], 0.05,
+                               method="sinkhorn_log", numItermax=100_000, stopThr=1e-15)
+            expected[b, k] = (h * w * N * plan * sim[b, k]).sum(-1)
+    score = models["sinkhorn", 2](x, CLASSES)["score"]
+    assert_close(score, to_input_size(expected.float().unflatten(-1, (h, w)), (48, 64)), atol=1e-4)
+    assert not torch.allclose(score, to_input_size(cos.sum(-1), (48, 64)), atol=1e-3)  # MPS is not the sum
 
 
 def test_ensemble_identities():
@@ -167,15 +170,24 @@ def test_gradients_reach_exactly_the_trainable_parameters(matching):
 
 
 def test_trainable_parameter_counts_at_vit_b16_size():
-    """FACTS 3: 8,039,168 with 10 prompt tokens, 8,868,608 with 100 (built on the meta device: no memory)."""
-    counts = {}
-    for tokens in (10, 100):
-        with torch.device("meta"):
+    """Counted from torch's own modules: the head is nn.Linear(1024, 512) (relationship descriptor), two
+    nn.TransformerDecoderLayer(512, 8, 2048) less their unused self-attention and norm1, and the last
+    layer's two nn.Linear(512, 512); deep VPT is 12 x T tokens of 768, nn.Linear(768, 768) and
+    nn.LayerNorm(768). That gives 7,354,880 in the head, 8,039,168 in all with 10 prompt tokens and
+    8,868,608 with 100 (the models are built on the meta device: no memory)."""
+    def count(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+    with torch.device("meta"):
+        layer = torch.nn.TransformerDecoderLayer(512, 8, dim_feedforward=2048)
+        head = count(torch.nn.Linear(1024, 512)) + 2 * (count(layer) - count(layer.self_attn, layer.norm1)) \
+            + 2 * count(torch.nn.Linear(512, 512))
+        vpt_shared = count(torch.nn.Linear(768, 768), torch.nn.LayerNorm(768))
+        for tokens in (10, 100):
             model = OTSeg(CLIP(**VIT_B_16, prompt_tokens=tokens), TEMPLATES)
-        counts[tokens] = sum(p.numel() for _, p in trainable_parameters(model))
-        head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("clip."))
-        assert head == 7_354_880, head
-    assert counts == {10: 8_039_168, 100: 8_868_608}, counts
+            ours_head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("clip."))
+            assert ours_head == head, (ours_head, head)
+            total = sum(p.numel() for _, p in trainable_parameters(model))
+            assert total == head + 12 * tokens * 768 + vpt_shared, (tokens, total)
 
 
 def test_head_widths_follow_the_backbone():
@@ -209,3 +221,18 @@ def test_training_step_on_cuda_under_bf16_autocast(tiny_clip):
     assert all(torch.isfinite(p.grad).all() for _, p in trainable_parameters(model))
     probabilities = OTSeg.ensemble(out["decoder"], out["score"], seen=torch.tensor([True, False, True]))
     assert probabilities.device.type == "cuda" and torch.isfinite(probabilities).all()
+
+
+def test_implicit_gradient_through_otseg_matches_unrolled(tiny_clip):
+    """At convergence (many iterations, no early stop) differentiating the fixed point gives the
+    unrolled iterations' gradient for every trainable parameter, VPT prompts included (float64)."""
+    x = images(1, 32, 48).double()
+    labels = torch.randint(0, 3, (1, 32, 48), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for implicit in (False, True):
+        model = make_model(copy.deepcopy(tiny_clip), n_iters=300, tol=0.0, implicit_grad=implicit).double().eval()
+        losses = otseg_loss(model(x, CLASSES), labels, count_masks(labels, 3))
+        losses["total"].backward()
+        grads[implicit] = torch.cat([p.grad.flatten() for _, p in trainable_parameters(model)])
+    assert grads[False].abs().max() > 0
+    assert_close(grads[True], grads[False], atol=1e-8, rtol=1e-6)

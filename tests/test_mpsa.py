@@ -60,21 +60,55 @@ def test_one_prompt_plan_is_uniform():
     assert_close(out[:, :, 0], expected[:, None].expand(B, K, C))
 
 
-def test_masks_come_from_the_queries_entering_each_layer_and_gate_the_last():
+def test_first_mask_against_pot():
+    """A_1 = sum_n M N T_mn sim_mn with sim the cosines of the projected inputs and T POT's plan."""
+    ot = pytest.importorskip("ot")
+    torch.manual_seed(0)
+    B, K, N, M, C = 2, 3, 4, 9, 16
+    decoder = MPSADecoder(dim=C, ffn_dim=64, n_iters=1000, tol=0).double().eval()
+    queries, memory = (x.double() for x in inputs(B, K, N, M, C))
+    _, (a1, _, _) = decoder(queries, memory)
+    attn = decoder.layers[0].cross_attn
+    q = F.normalize(F.linear(queries, attn.q_proj.weight, attn.q_proj.bias), dim=-1)  # (B, K, N, C)
+    k = F.normalize(F.linear(memory, attn.k_proj.weight, attn.k_proj.bias), dim=-1)  # (B, M, C)
+    expected = torch.empty(B, K, M, dtype=torch.float64)
+    for b in range(B):
+        for c in range(K):
+            sim = k[b] @ q[b, c].T  # (M, N)
+            plan = ot.sinkhorn(torch.full((M,), 1 / M, dtype=torch.float64), torch.full((N,), 1 / N, dtype=torch.float64),
+                               1 - sim, 0.05, method="sinkhorn_log", numItermax=100_000, stopThr=1e-15)
+            expected[b, c] = (M * N * plan * sim).sum(-1)
+    assert_close(a1, expected, atol=1e-9, rtol=1e-7)
+
+
+def test_each_mask_comes_from_the_queries_entering_its_layer():
+    """A layer's FFN changes the queries it passes on, so every later mask, and never its own mask."""
     torch.manual_seed(0)
     decoder = MPSADecoder(dim=16, ffn_dim=64).eval()
     queries, memory = inputs(2, 3, 4, 9, 16)
-    D, (a1, a2, a3) = decoder(queries, memory)
-    # A_1 by hand: MPS of the cosine similarities of the projected inputs.
-    attn = decoder.layers[0].cross_attn
-    q = F.normalize(attn.q_proj(queries), dim=-1)
-    k = F.normalize(attn.k_proj(memory), dim=-1)
-    assert_close(a1, mps(torch.einsum("bknc,bmc->bkmn", q, k)))
-    x1, _ = decoder.layers[0](queries, memory)
-    x2, _ = decoder.layers[1](x1, memory)
-    assert_close(a2, decoder.layers[1].cross_attn(x1, memory)[1])
-    assert_close(a3, decoder.layers[2].cross_attn(x2, memory)[1])
-    assert_close(D, a3 * torch.sigmoid(a1).sqrt() * torch.sigmoid(a2).sqrt())
+    _, masks = decoder(queries, memory)
+    for changed in (0, 1):
+        with torch.no_grad():
+            decoder.layers[changed].linear2.bias.add_(torch.randn(16))  # not uniform: norm3 would remove it
+        _, new_masks = decoder(queries, memory)
+        for layer, (old, new) in enumerate(zip(masks, new_masks)):
+            moved = (new - old).abs().max().item()
+            if layer <= changed:
+                assert moved == 0, f"A_{layer + 1} moved by {moved:.3e} when layer {changed + 1}'s FFN changed"
+            else:
+                assert moved > 1e-3, f"A_{layer + 1} did not follow layer {changed + 1}'s output ({moved:.3e})"
+        masks = new_masks
+
+
+def test_decoder_output_gates_the_last_mask_with_the_earlier_ones():
+    """D = A_3 sigmoid(A_1)^(1/2) sigmoid(A_2)^(1/2) (the release's `decode_seg.py`), elementwise by hand."""
+    torch.manual_seed(0)
+    decoder = MPSADecoder(dim=16, ffn_dim=64).eval()
+    D, (a1, a2, a3) = decoder(*inputs(2, 3, 4, 9, 16))
+    for index in [(0, 0, 0), (1, 2, 8), (0, 1, 4)]:
+        g1, g2 = 1 / (1 + math.exp(-a1[index].item())), 1 / (1 + math.exp(-a2[index].item()))
+        expected = a3[index].item() * math.sqrt(g1) * math.sqrt(g2)
+        assert abs(D[index].item() - expected) <= 1e-6, (index, D[index].item(), expected)
 
 
 @pytest.mark.parametrize("matching", MATCHINGS)
@@ -109,18 +143,23 @@ def test_layers_start_as_copies_of_one_layer(matching):
 
 
 def test_parameter_count_at_vit_b16_width():
-    """FACTS 3: layers 1-2 3,152,384 each, layer 3's q and k 525,312; same for both matchings."""
-    for matching in MATCHINGS:
-        decoder = MPSADecoder(dim=512, ffn_dim=2048, matching=matching)
-        counts = [sum(p.numel() for p in layer.parameters()) for layer in decoder.layers]
-        assert counts == [3_152_384, 3_152_384, 525_312], (matching, counts)
+    """Layers 1-2 have the parameters of torch's nn.TransformerDecoderLayer(512, 8, 2048) less its
+    self-attention and norm1 (never called), layer 3 those of two nn.Linear(512, 512); both matchings."""
+    with torch.device("meta"):
+        reference = torch.nn.TransformerDecoderLayer(512, 8, dim_feedforward=2048)
+        unused = [reference.self_attn, reference.norm1]
+        full = sum(p.numel() for p in reference.parameters()) - sum(p.numel() for m in unused for p in m.parameters())
+        q_and_k = 2 * sum(p.numel() for p in torch.nn.Linear(512, 512).parameters())
+        for matching in MATCHINGS:
+            decoder = MPSADecoder(dim=512, ffn_dim=2048, matching=matching)
+            counts = [sum(p.numel() for p in layer.parameters()) for layer in decoder.layers]
+            assert counts == [full, full, q_and_k], (matching, counts, [full, full, q_and_k])
 
 
 def test_softmax_and_sinkhorn_share_everything_but_the_matching():
     torch.manual_seed(0)
     sinkhorn = MPSADecoder(dim=32, ffn_dim=128, matching="sinkhorn", num_heads=4).eval()
     softmax = MPSADecoder(dim=32, ffn_dim=128, matching="softmax", num_heads=4).eval()
-    assert type(sinkhorn) is type(softmax)
     assert {n: p.shape for n, p in sinkhorn.named_parameters()} == \
            {n: p.shape for n, p in softmax.named_parameters()}
     softmax.load_state_dict(sinkhorn.state_dict())
@@ -162,21 +201,29 @@ def test_invalid_matching_is_rejected():
 
 
 def test_layer_is_post_norm_without_self_attention():
-    """x = norm2(x + attn(x)); x = norm3(x + FFN(x)), written out with functional ops (eval: no dropout)."""
+    """Against torch's nn.TransformerDecoderLayer (post-norm) with the same weights: its self-attention
+    block is made to pass its input through (output projection zeroed, and layer-normalised queries
+    that norm1 leaves as they are), so what remains must be our layer (softmax matching, eval)."""
     torch.manual_seed(0)
-    C = 16
-    layer = MPSADecoder(dim=C, ffn_dim=64).layers[0].eval()
-    with torch.no_grad():  # non-trivial norm affines, so a swapped or missing norm shows
+    C, H = 16, 4
+    layer = MPSADecoder(dim=C, ffn_dim=64, matching="softmax", num_heads=H).layers[0].eval()
+    reference = torch.nn.TransformerDecoderLayer(C, H, dim_feedforward=64, batch_first=True).eval()
+    attn = layer.cross_attn
+    with torch.no_grad():  # non-trivial norm affines, so that a swapped or missing norm shows
         for norm in (layer.norm2, layer.norm3):
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
+        reference.self_attn.out_proj.weight.zero_()
+        reference.self_attn.out_proj.bias.zero_()
+        reference.multihead_attn.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        reference.multihead_attn.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        reference.multihead_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
+        for name in ("linear1", "linear2", "norm2", "norm3"):
+            getattr(reference, name).load_state_dict(getattr(layer, name).state_dict())
     queries, memory = inputs(2, 3, 4, 9, C)
-    attended, _ = layer.cross_attn(queries, memory)
-    x = F.layer_norm(queries + attended, (C,), layer.norm2.weight, layer.norm2.bias)
-    hidden = F.relu(F.linear(x, layer.linear1.weight, layer.linear1.bias))
-    x = F.layer_norm(x + F.linear(hidden, layer.linear2.weight, layer.linear2.bias), (C,),
-                     layer.norm3.weight, layer.norm3.bias)
-    assert_close(layer(queries, memory)[0], x)
+    queries = F.layer_norm(queries, (C,), eps=0.0)  # mean 0, variance 1: norm1 passes them through
+    expected = reference(queries.flatten(1, 2), memory)  # (B, K*N, C)
+    assert_close(layer(queries, memory)[0], expected.unflatten(1, (3, 4)), atol=1e-4, rtol=1e-4)
 
 
 def test_implicit_gradient_matches_unrolled_gradient_at_convergence():

@@ -109,12 +109,16 @@ def test_batch_equals_problems_one_by_one():
                 assert_close(batch[i, j], single, 1e-6, f"{solver.__name__} problem ({i}, {j})")
 
 
-def test_mps_single_prompt_is_identity():
-    sim = otseg_like_sim(3, 50, 1)
+def test_mps_single_prompt_against_pot():
+    # N = 1 skips the solver (the plan is known: 1/M); POT's solver must agree with what it returns.
+    ot = pytest.importorskip("ot")
+    sim = otseg_like_sim(3, 50, 1).double()
     score, plan = mps(sim, return_plan=True)
-    assert torch.equal(score, sim[..., 0])
-    # the solver agrees that the plan is uniform
-    assert_close(sinkhorn_log(1 - sim, 0.05), plan, 1e-5, "N = 1 plan")
+    for i in range(3):
+        expected = ot.sinkhorn(torch.full((50,), 1 / 50, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                               1 - sim[i], 0.05, method="sinkhorn_log", numItermax=1000, stopThr=1e-15)
+        assert_close(plan[i], expected, 1e-12, f"N = 1 plan vs POT, problem {i}")
+        assert_close(score[i], (50 * expected * sim[i]).sum(-1), 1e-12, f"N = 1 score vs POT, problem {i}")
 
 
 def test_mps_equal_prompts_give_sum_over_prompts():
@@ -125,7 +129,8 @@ def test_mps_equal_prompts_give_sum_over_prompts():
 
 
 def release_sinkhorn(cost, eps, n_iters=100, tol=1e-6):
-    """The release's rule, written independently: log domain, test every iteration (FACTS 2)."""
+    """The release's rule, written independently: log domain, test every iteration (its
+    `decode_seg.py`, `Sinkhorn_log_exp_sum`)."""
     m, n = cost.shape[-2:]
     log_mu = torch.tensor(1 / m, dtype=cost.dtype).log()
     log_nu = torch.tensor(1 / n, dtype=cost.dtype).log()

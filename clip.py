@@ -13,8 +13,9 @@ This file holds everything needed for that and nothing more:
   4. `freeze_except_prompts`, the preprocessing, and a small demonstration.
 
 `encode_image` and `encode_text` compute exactly what OpenAI's code computes (in fp32). `encode_dense` is
-OTSeg's image path, following the authors' release (its `models/backbone/img_encoder.py`): deep VPT, positional embedding
-resized to the grid of the input, last-layer tokens -> prompt_norm -> ln_post -> proj on every token;
+OTSeg's image path, following the authors' release (its `models/backbone/img_encoder.py`): deep VPT,
+positional embedding resized to the grid of the input, last-layer tokens -> prompt_norm -> ln_post -> proj
+on every token;
 it returns the global embedding (B, C) and the pixel embeddings (B, C, h, w), neither normalised.
 
 Letters in shape comments: B batch, L sequence length, W transformer width, T prompt tokens per layer,
@@ -261,8 +262,8 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-        # The release adds class_embedding to the CLS token twice in its dense path (its `img_encoder.py`); the published
-        # numbers were trained with it, so encode_dense reproduces it unless this is False.
+        # The release adds class_embedding to the CLS token twice in its dense path (its `img_encoder.py`); the
+        # published numbers were trained with it, so encode_dense reproduces it unless this is False.
         self.double_cls_embedding = double_cls_embedding
         self.prompt_tokens = prompt_tokens
         if prompt_tokens > 0:
@@ -365,7 +366,8 @@ class CLIP(nn.Module):
         return self.visual(image.type(self.dtype))
 
     def encode_dense(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """OTSeg's image path (the release's `img_encoder.py`): global (B, C) and dense (B, C, h, w), projected, not normalised."""
+        """OTSeg's image path (the release's `img_encoder.py`): global (B, C) and dense (B, C, h, w),
+        projected, not normalised."""
         return self.visual.forward_dense(image.type(self.dtype))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,8 @@ def test_first_mask_against_pot():
     for b in range(B):
         for c in range(K):
             sim = k[b] @ q[b, c].T  # (M, N)
-            plan = ot.sinkhorn(torch.full((M,), 1 / M, dtype=torch.float64), torch.full((N,), 1 / N, dtype=torch.float64),
-                               1 - sim, 0.05, method="sinkhorn_log", numItermax=100_000, stopThr=1e-15)
+            mu, nu = torch.full((M,), 1 / M, dtype=torch.float64), torch.full((N,), 1 / N, dtype=torch.float64)
+            plan = ot.sinkhorn(mu, nu, 1 - sim, 0.05, method="sinkhorn_log", numItermax=100_000, stopThr=1e-15)
             expected[b, c] = (M * N * plan * sim).sum(-1)
     assert_close(a1, expected, atol=1e-9, rtol=1e-7)
 
@@ -215,8 +215,9 @@ def test_layer_is_post_norm_without_self_attention():
             norm.bias.uniform_(-0.5, 0.5)
         reference.self_attn.out_proj.weight.zero_()
         reference.self_attn.out_proj.bias.zero_()
-        reference.multihead_attn.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        reference.multihead_attn.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        reference.multihead_attn.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
+        reference.multihead_attn.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
         reference.multihead_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
         for name in ("linear1", "linear2", "norm2", "norm3"):
             getattr(reference, name).load_state_dict(getattr(layer, name).state_dict())

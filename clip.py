@@ -375,7 +375,7 @@ class CLIP(nn.Module):
         x = self.token_embedding(text) + self.positional_embedding  # (n, L, W)
         x = self.ln_final(self.transformer(x))  # (n, L, W)
         # the end-of-text token has the largest id in each row; its final state represents the text
-        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection  # (n, C)
+        return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection  # (n, C)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """OpenAI's: scaled cosine similarities, (B, n) per image and (n, B) per text."""

@@ -236,7 +236,8 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
             rhs = c - (plan_a.transpose(-2, -1) @ r.unsqueeze(-1)).squeeze(-1)  # (..., N)
             y = torch.zeros_like(b)                                        # y_N = 0 fixes the gauge
             if b.shape[-1] > 1:
-                y[..., :-1] = torch.linalg.solve(schur[..., :-1, :-1], rhs[..., :-1])
+                # solve_ex: linalg.solve would read an error flag back from the GPU (a host sync)
+                y[..., :-1] = torch.linalg.solve_ex(schur[..., :-1, :-1], rhs[..., :-1])[0]
             x = (r - (plan @ y.unsqueeze(-1)).squeeze(-1)) / a             # (..., M)
             grad_cost = plan * (x.unsqueeze(-1) + y.unsqueeze(-2) - grad_plan) / ctx.eps
         return grad_cost, None, None, None

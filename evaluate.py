@@ -6,22 +6,29 @@ The protocol (paper Sec. 5.1, and the authors' MMSegmentation release: docs/rele
   probabilities P averaged where windows overlap, resized bilinearly to the original image, argmax;
 - OTSeg scores the decoder alone, P = sigmoid(D) (lambda = 1); OTSeg+ the ensemble
   P = sigmoid(0.5 D + 0.5 S) (Eq. 17). Both come out of the same forward pass;
-- inductive checkpoints: 0.1 is subtracted from the seen classes' probabilities (calibration);
+- inductive checkpoints: 0.1 is subtracted from the seen classes' probabilities (calibration, the
+  release's `decode_seg.py`);
 - one confusion matrix over the whole validation set (pixels labelled 255 excluded: that is the
   background of VOC and Context), per-class IoU, mIoU(S) and mIoU(U) (nan-mean over the seen and
-  unseen classes), hIoU = 2 S U / (S + U), pixel accuracy.
+  unseen classes), hIoU = 2 S U / (S + U), pixel accuracy (MMSegmentation 0.24's
+  `mmseg/core/evaluation/metrics.py`).
 
 Cross-dataset (paper Table 2): `--dataset ade --checkpoint coco.pt` scores the COCO model on ADE20K
 with ADE20K's class names for the text (the release used the source's: a bug) and reports mIoU over
-all target classes. Windows are the source model's (its training crop), the resize the target's.
+all target classes. The target's test resize and normalisation, the source model's window: as the
+release's configs under `configs/cross_dataset/` ran it, including their two departures (COCO to VOC
+slides with stride 380; ADE20K is normalised with CLIP's mean and std). `--window-stride` and
+`--normalization source` give the other choice.
 
 Everything needed is in the checkpoint (weights of the prompts and head, CLIP description,
-templates, dataset, setting, window); nothing is imported from train.py.
+templates, dataset, setting, window); nothing is imported from train.py. Pictures are drawn by
+visualize.py; the checkpoint format and the release's converter are in checkpoint.py.
 
     python evaluate.py --checkpoint runs/voc-inductive/ckpt.pt --data-root data/VOCdevkit/..
     torchrun --nproc_per_node 4 evaluate.py --checkpoint runs/voc-inductive/ckpt.pt --data-root ..
     python evaluate.py --checkpoint runs/coco-inductive/ckpt.pt --dataset ade --data-root data/ade
-    python evaluate.py --checkpoint otseg_voc_release.pth --dataset voc --setting inductive ...
+    python evaluate.py --checkpoint otseg_voc_release.pth --source voc --setting inductive --data-root ..
+    python evaluate.py --checkpoint otseg_voc_release.pth --source voc --setting inductive --convert voc.pt
     python evaluate.py --checkpoint ckpt.pt --image cat.jpg --classes "cat,grass,sky"
     python evaluate.py --checkpoint ckpt.pt --data-root .. --visualize vis/
 
@@ -37,11 +44,14 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torchvision import tv_tensors
 
 import checkpoint
 import clip
 import data
+import visualize
 from common import autocast, close_distributed, print0, setup_distributed
 from model import OTSeg
 
@@ -147,6 +157,16 @@ def make_predictor(model: nn.Module, class_names: list[str], seen: torch.Tensor 
     return predict
 
 
+def calibration_mask(num_classes: int, unseen: list[int], calibrate: bool,
+                     device: torch.device) -> torch.Tensor | None:
+    """bool (K,) of the classes whose probabilities are lowered by 0.1 (the seen ones), or None."""
+    if not calibrate:
+        return None
+    seen = torch.ones(num_classes, dtype=torch.bool, device=device)
+    seen[list(unseen)] = False
+    return seen
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation over a dataset, sharded over processes with no image counted twice
 # ----------------------------------------------------------------------------------------------
@@ -169,11 +189,7 @@ def evaluate(model: nn.Module, dataset, class_names: list[str], unseen: list[int
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     num_classes = len(class_names)
-    seen = None
-    if calibrate:
-        seen = torch.ones(num_classes, dtype=torch.bool, device=device)
-        seen[list(unseen)] = False
-    predict = make_predictor(model, class_names, seen, amp)
+    predict = make_predictor(model, class_names, calibration_mask(num_classes, unseen, calibrate, device), amp)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=range(rank, count, world), num_workers=workers,
@@ -215,10 +231,6 @@ def format_results(results: dict, class_names: list[str], unseen: list[int]) -> 
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-
 def without_nan(x):
     """NaN (the IoU of a class absent from labels and predictions) -> None, so the JSON is standard."""
     if isinstance(x, float) and math.isnan(x):
@@ -230,8 +242,112 @@ def without_nan(x):
     return x
 
 
+# ----------------------------------------------------------------------------------------------
+# Cross-dataset: the settings the release's Table 2 runs used
+# ----------------------------------------------------------------------------------------------
+
+# The release scores each (source, target) pair of paper Table 2 with its own config under
+# configs/cross_dataset/, whose test_cfg sets the window (crop, stride) below, at full size. Each config
+# takes the target's dataset config whole: images are resized and normalised as the target's (ADE20K's
+# `_base_/datasets/ade.py` normalises with CLIP's mean and std, as data.py's 'ade' preset). The windows
+# are the source model's, except COCO to VOC: stride 380 where COCO's own runs slide by 426.
+RELEASE_CROSS_DATASET = {
+    ("coco", "voc"): dict(config="coco-to-voc.py", window=(512, 380)),
+    ("coco", "context"): dict(config="coco-to-context.py", window=(512, 426)),
+    ("coco", "ade"): dict(config="coco-to-ade.py", window=(512, 426)),
+    ("context", "voc"): dict(config="context-to-voc.py", window=(480, 80)),
+    ("context", "coco"): dict(config="context-to-coco.py", window=(480, 80)),
+}
+
+
+def evaluation_window(ckpt: dict, target: str, stride: int | None = None) -> tuple[dict, str]:
+    """The sliding window for scoring dataset `target` with a checkpoint, and where it comes from.
+
+    The checkpoint's own window (its training crop), the release's for its cross-dataset runs (scaled
+    like the rest of a small run's sizes), or `stride` when given.
+    """
+    crop, steps = tuple(ckpt["window"]["crop"]), tuple(ckpt["window"]["stride"])
+    origin = "the checkpoint's"
+    release = RELEASE_CROSS_DATASET.get((ckpt["dataset"], target))
+    if release is not None:
+        release_crop, release_stride = release["window"]
+        steps = (max(1, round(release_stride * crop[0] / release_crop)),) * 2
+        origin = f"as the release's configs/cross_dataset/{release['config']}"
+    if stride is not None:
+        steps, origin = (stride, stride), "--window-stride"
+    return dict(crop=crop, stride=steps), origin
+
+
+# ----------------------------------------------------------------------------------------------
+# Using the model: any image with any class names, and pictures of validation images
+# ----------------------------------------------------------------------------------------------
+
+def predict_labels(predict, image: torch.Tensor, window: dict, size: tuple[int, int]) -> torch.Tensor:
+    """image (3, h, w) resized and normalised -> (H0, W0) OTSeg+ class indices at the original size."""
+    probs = slide_inference(predict, image, window["crop"], window["stride"])["OTSeg+"]  # (K, h, w)
+    probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)  # (1, K, H0, W0)
+    return probs[0].argmax(0)
+
+
+@torch.no_grad()
+def segment_image(model: OTSeg, image: torch.Tensor, class_names: list[str], preset: dict, window: dict,
+                  device: torch.device) -> torch.Tensor:
+    """uint8 (3, H0, W0) -> (H0, W0) indices into class_names: OTSeg+, no calibration (no class is
+    'seen' among names the user chose), resized and normalised as the preset's test images."""
+    blank = tv_tensors.Mask(torch.zeros(image.shape[1:], dtype=torch.uint8))  # the transforms take a label
+    normalised, _ = data.test_transform(preset)(tv_tensors.Image(image), blank)
+    predict = make_predictor(model, class_names, seen=None)
+    return predict_labels(predict, normalised.as_subclass(torch.Tensor).to(device), window, image.shape[1:]).cpu()
+
+
+def save_picture(picture, path: str) -> str:
+    """Write a PIL picture through a temporary file: a failure never leaves half a picture."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # the extension tells PIL the format
+    picture.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def write_pictures(model: OTSeg, dataset, class_names: list[str], seen: torch.Tensor | None, window: dict,
+                   out_dir: str, count: int, device: torch.device) -> list[str]:
+    """For `count` validation images: image | ground truth | OTSeg+ prediction (`_prediction.png`), and
+    the per-prompt score maps of the image's largest class in its first window (`_prompts_CLASS.png`)."""
+    os.makedirs(out_dir, exist_ok=True)
+    predict = make_predictor(model, class_names, seen)
+    written = []
+    for index in range(min(count, len(dataset))):
+        sample = dataset[index]
+        image, label = sample["image"].to(device), sample["label"]  # (3, h, w) normalised, (H0, W0)
+        pred = predict_labels(predict, image, window, label.shape).cpu()
+        raw, _ = dataset.load(index)  # the image as read, uint8 (3, H0, W0)
+        strip = visualize.prediction_strip(visualize.to_picture(raw), label, pred, class_names)
+        written.append(save_picture(strip, os.path.join(out_dir, f"{sample['name']}_prediction.png")))
+
+        k = int(torch.bincount(label[label < len(class_names)].flatten(), minlength=len(class_names)).argmax())
+        (crop_h, crop_w), (_, height, width) = window["crop"], image.shape
+        first = F.pad(image, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))[:, :crop_h, :crop_w]
+        plain, refined = visualize.prompt_score_maps(model, first[None], class_names)  # (1, K, N, h, w) each
+        grid = visualize.prompt_grid(plain[0, k], refined[0, k], model.templates, class_names[k])
+        name = f"{sample['name']}_prompts_{class_names[k].replace(' ', '_')}.png"
+        written.append(save_picture(grid, os.path.join(out_dir, name)))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The program: user errors are one line `error: ...` and happen before anything is written
+# ----------------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, as every other error of this program."""
+
+    def error(self, message: str):
+        sys.exit(f"error: {message} (see --help)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate OTSeg (see the module docstring for commands)")
+    parser = ArgumentParser(description="Evaluate OTSeg (see the module docstring for commands)")
     parser.add_argument("--checkpoint", help="a checkpoint of train.py, or the release's .pth (see --source)")
     parser.add_argument("--dataset", default=None, choices=sorted(data.DATASETS),
                         help="dataset to score (default: the checkpoint's); another one = cross-dataset")
@@ -245,6 +361,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--convert", metavar="OUT", help="write the (release) checkpoint in this project's format")
     parser.add_argument("--crop-size", type=int, default=None,
                         help="override the preset's sizes (default: as the checkpoint's training run)")
+    parser.add_argument("--window-stride", type=int, default=None,
+                        help="sliding-window stride (default: the checkpoint's, or the release's for its "
+                             "cross-dataset runs: 380 from COCO to VOC)")
+    parser.add_argument("--normalization", default="target", choices=["target", "source"],
+                        help="cross-dataset: normalise with the target dataset's mean and std (the release; "
+                             "CLIP's for ADE20K) or with those the model was trained with")
     parser.add_argument("--output-json", default=None, help="default: CHECKPOINT_DIR/eval_DATASET.json")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (Sinkhorn stays fp32)")
@@ -259,26 +381,97 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args) -> None:
-    rank, world_size, device = setup_distributed(args.device)
-    run(args, rank, device)
-    close_distributed()
+def parse_classes(text: str) -> list[str]:
+    """--classes "cat, grass,sky" -> ['cat', 'grass', 'sky'], or exit if none is left or one repeats."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        sys.exit('error: --classes holds no class name: give them separated by commas, e.g. --classes "cat,grass,sky"')
+    lower = [name.lower() for name in names]  # CLIP's tokenizer lower-cases: "Cat" and "cat" are one text
+    repeated = sorted({name for name, low in zip(names, lower) if lower.count(low) > 1})
+    if repeated:
+        sys.exit(f"error: --classes names {', '.join(repeated)} more than once: give each class once")
+    return names
 
 
-def run(args, rank: int, device: torch.device) -> None:
-    """Everything evaluate.py does, in the order of its options."""
+def check_output_path(path: str, flag: str) -> None:
+    """Exit before any work if `path` cannot be written: its folder must exist, its name be no folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        sys.exit(f"error: {flag} {path}: the folder {folder} does not exist; create it or give another path")
+    if os.path.isdir(path):
+        sys.exit(f"error: {flag} {path} is a folder; give a file name")
+
+
+def check_arguments(args) -> tuple[torch.Tensor | None, list[str] | None]:
+    """The checks that need no model: -> (the --image as uint8 (3, H, W), the --classes), or exit."""
     if args.checkpoint is None:
         sys.exit("error: --checkpoint is needed")
+    if not (args.image or args.data_root or args.convert):
+        sys.exit("error: nothing to do: give --data-root to score a dataset, --image and --classes to "
+                 "segment a picture, or --convert OUT")
+    if args.visualize and not args.data_root:
+        sys.exit("error: --visualize draws validation images: give --data-root too")
+    for flag, value, least in (("--window-stride", args.window_stride, 1), ("--workers", args.workers, 0),
+                               ("--window-batch", args.window_batch, 1), ("--crop-size", args.crop_size, 1)):
+        if value is not None and value < least:
+            sys.exit(f"error: {flag} must be at least {least}, not {value}")
+    if bool(args.image) != bool(args.classes):
+        sys.exit('error: --image and --classes go together, e.g. --image cat.jpg --classes "cat,grass,sky"')
+    for flag, path in (("--output-json", args.output_json), ("--convert", args.convert)):
+        if path:
+            check_output_path(path, flag)
+    image = names = None
+    if args.image:
+        names = parse_classes(args.classes)
+        if args.output:
+            check_output_path(args.output, "--output")
+            if os.path.splitext(args.output)[1].lower() not in Image.registered_extensions():
+                sys.exit(f"error: --output {args.output}: unknown picture format; end the name with .png or .jpg")
+        if not os.path.isfile(args.image):
+            sys.exit(f"error: --image {args.image}: no such file")
+        try:
+            image = data.read_image(args.image)
+        except data.DatasetError as error:
+            sys.exit(f"error: --image {args.image} is not a picture PIL can read ({error.__cause__}); "
+                     f"give a JPEG or PNG file")
+    return image, names
+
+
+def load_checkpoint(args, device: torch.device) -> dict:
+    """The checkpoint of --checkpoint in this project's format (a release checkpoint is converted)."""
     ckpt = checkpoint.read_checkpoint(args.checkpoint)
     if checkpoint.is_release_checkpoint(ckpt):
         source = args.source or args.dataset
         if source is None or args.setting is None:
             sys.exit("error: a release (MMSegmentation) checkpoint needs --source (the dataset it was trained "
                      "on) and --setting (inductive, transductive or fully)")
-        ckpt = checkpoint.convert_release_checkpoint(ckpt, source, args.setting, args.clip_weights or clip.DEFAULT_WEIGHTS,
-                                          device)
-    elif ckpt.get("format") != checkpoint.FORMAT:
-        sys.exit(f"error: {args.checkpoint} is neither a checkpoint of this project nor the release's")
+        return checkpoint.convert_release_checkpoint(ckpt, source, args.setting,
+                                                     args.clip_weights or clip.DEFAULT_WEIGHTS, device)
+    if ckpt.get("format") != checkpoint.FORMAT:
+        sys.exit(f"error: {args.checkpoint} is neither a checkpoint of this project ({checkpoint.FORMAT}) nor "
+                 f"a released OTSeg checkpoint: give one written by train.py or the release")
+    for flag, value, saved in (("--source", args.source, ckpt["dataset"]),
+                               ("--setting", args.setting, ckpt["setting"])):
+        if value is not None and value != saved:
+            sys.exit(f"error: {flag} {value}: {args.checkpoint} was trained with {flag} {saved} (the flag is for "
+                     f"release checkpoints; to score another dataset, use --dataset)")
+    return ckpt
+
+
+def main(args) -> None:
+    rank, _, device = setup_distributed(args.device)
+    run(args, rank, device)
+    close_distributed()
+
+
+def run(args, rank: int, device: torch.device) -> None:
+    """Everything evaluate.py does, in the order of its options; rank 0 writes the files."""
+    image, names = check_arguments(args)
+    ckpt = load_checkpoint(args, device)
+    crop = ckpt["window"]["crop"][0]
+    if args.window_stride is not None and args.window_stride > crop:
+        sys.exit(f"error: --window-stride {args.window_stride} exceeds the window ({crop} pixels, the checkpoint's "
+                 f"training crop): pixels between windows would get no prediction")
     if args.convert:
         if rank == 0:
             checkpoint.atomic_save(ckpt, args.convert)
@@ -286,50 +479,59 @@ def run(args, rank: int, device: torch.device) -> None:
         if not (args.image or args.data_root):
             return
     model = checkpoint.build_model_from_checkpoint(ckpt, args.clip_weights, device)
-
-    dataset_name = args.dataset or ckpt["dataset"]
-    cross = dataset_name != ckpt["dataset"]
     crop_size = args.crop_size or (ckpt.get("args") or {}).get("crop_size")  # a small run's sizes
-    target = data.get_preset(dataset_name, crop_size)
-    window = {k: tuple(v) for k, v in ckpt["window"].items()}  # the source model's (the release does so)
-    class_names = list(target["classes"])  # the target's names (the release's cross-dataset bug used the source's)
-    unseen = [] if cross else list(target["unseen"])
-    calibrate = ckpt["setting"] == "inductive" and not cross  # the release's test code; nothing is "seen" across datasets
-    print0(f"checkpoint {args.checkpoint}: {ckpt['dataset']} {ckpt['setting']}, step {ckpt.get('step')}; "
-           f"scoring {dataset_name}{' (cross-dataset)' if cross else ''} with {len(class_names)} classes, "
-           f"window {window['crop']} stride {window['stride']}, calibration {'on' if calibrate else 'off'}")
+    source = data.get_preset(ckpt["dataset"], crop_size)  # the sizes and normalisation the model was trained with
+    described = f"checkpoint {args.checkpoint} ({ckpt['dataset']} {ckpt['setting']}, step {ckpt.get('step')})"
 
     if args.image:
-        if not args.classes:
-            sys.exit("error: --image needs --classes, e.g. --classes \"cat,grass,sky\"")
-        names = [c.strip() for c in args.classes.split(",") if c.strip()]
-        out = args.output or os.path.splitext(args.image)[0] + "_otseg.png"
+        window, origin = evaluation_window(ckpt, ckpt["dataset"], args.window_stride)
+        print0(f"{described}: segmenting {args.image} into {len(names)} classes ({', '.join(names)}) with OTSeg+, "
+               f"no calibration, resized and normalised as {ckpt['dataset']}, window {window['crop']} stride "
+               f"{window['stride']} ({origin})")
         if rank == 0:
-            import visualize  # pictures import this file's slide_inference: imported when needed
-            print0(f"wrote {visualize.segment_image(model, args.image, names, target, window, device, out)}")
-    if args.data_root is None:
-        if not args.image:
-            sys.exit("error: --data-root is needed to score a dataset")
-        return
+            pred = segment_image(model, image, names, source, window, device)
+            out = args.output or os.path.splitext(args.image)[0] + "_otseg.png"
+            print0(f"wrote {save_picture(visualize.overlay(visualize.to_picture(image), pred, names), out)}")
+    if args.data_root:
+        score_dataset(args, ckpt, model, source, crop_size, described, rank, device)
+
+
+def score_dataset(args, ckpt: dict, model: OTSeg, source: dict, crop_size: int | None, described: str,
+                  rank: int, device: torch.device) -> None:
+    """Score --data-root's validation set (pictures first with --visualize) and write the JSON report."""
+    dataset_name = args.dataset or ckpt["dataset"]
+    cross = dataset_name != ckpt["dataset"]
+    target = data.get_preset(dataset_name, crop_size)
+    if args.normalization == "source":
+        target.update(mean=source["mean"], std=source["std"])
+    window, origin = evaluation_window(ckpt, dataset_name, args.window_stride)
+    class_names = list(target["classes"])  # the target's names (the release's cross-dataset bug used the source's)
+    unseen = [] if cross else list(target["unseen"])
+    calibrate = ckpt["setting"] == "inductive" and not cross  # as decode_seg.py; across datasets nothing is seen
+    normalised_as = dataset_name if args.normalization == "target" else f"{ckpt['dataset']} (--normalization source)"
+    print0(f"{described}: scoring {dataset_name}{' (cross-dataset)' if cross else ''} with {len(class_names)} "
+           f"classes, window {window['crop']} stride {window['stride']} ({origin}), normalised as {normalised_as}, "
+           f"calibration {'on' if calibrate else 'off'}")
+    out = args.output_json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                           f"eval_{dataset_name}.json")
     try:
         dataset = data.SegmentationDataset(target, args.data_root, "val", "fully",
                                            transform=data.test_transform(target))
-    except data.DatasetError as error:
-        sys.exit(f"error: {error}")
-    if args.visualize and rank == 0:
-        import visualize
-        paths = visualize.visualize(model, dataset, class_names, unseen, calibrate, window, args.visualize,
-                          args.num_visualize, device)
-        print0(f"wrote {len(paths)} pictures to {args.visualize}")
-    results = evaluate(model, dataset, class_names, unseen, calibrate, window, device, args.amp,
-                       args.workers, args.window_batch, args.limit)
+        if args.visualize and rank == 0:
+            seen = calibration_mask(len(class_names), unseen, calibrate, device)
+            paths = write_pictures(model, dataset, class_names, seen, window, args.visualize,
+                                   args.num_visualize, device)
+            print0(f"wrote {len(paths)} pictures to {args.visualize}")
+        results = evaluate(model, dataset, class_names, unseen, calibrate, window, device, args.amp,
+                           args.workers, args.window_batch, args.limit)
+    except data.DatasetError as error:  # from a DataLoader worker, the message ends with the original one
+        sys.exit("error: " + str(error).strip().splitlines()[-1].split("DatasetError: ", 1)[-1])
     print0(format_results(results, class_names, unseen))
     if rank == 0:
-        out = args.output_json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                               f"eval_{dataset_name}.json")
         report = dict(checkpoint=args.checkpoint, source=ckpt["dataset"], dataset=dataset_name,
                       cross_dataset=cross, setting=ckpt["setting"], calibration=calibrate,
-                      classes=class_names, unseen=unseen, window=window, results=results)
+                      classes=class_names, unseen=unseen, window=window, window_from=origin,
+                      normalization=dict(mean=list(target["mean"]), std=list(target["std"])), results=results)
         tmp = f"{out}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(without_nan(report), f, indent=1)

@@ -6,24 +6,28 @@ Sinkhorn (sinkhorn.py) splits each pixel's mass over the prompts, and the maps M
 part of the object each prompt took (paper Sec. 4.2, Fig. 5). `prompt_score_maps` computes both from
 the same steps as OTSeg.forward; `prompt_grid` lays them out side by side.
 
+This file only draws: predictions come from evaluate.py, which calls it for
+
     python evaluate.py --checkpoint ckpt.pt --data-root DATA --visualize vis/    # validation images
     python evaluate.py --checkpoint ckpt.pt --image cat.jpg --classes "cat,grass,sky"
 
+Class k is drawn in colour k + 1 of PASCAL VOC's colour map (colour 0 is VOC's black background);
+ignored pixels (label 255) are black.
+
 Notation: B batch, K classes, N prompts, M pixels (h*w tokens), C channels.
 """
-import os
-import sys
+import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torchvision import tv_tensors
 
 import data
-import evaluate
 from model import OTSeg
 from sinkhorn import mps
+
+MIN_HEIGHT = 256  # pictures of small images are enlarged to at least this height, so that they can be read
+LEGEND_ROW = 16   # height of a legend row: the default bitmap font's 11-pixel text and a 12-pixel swatch
 
 
 def colourize(label: torch.Tensor) -> Image.Image:
@@ -34,37 +38,65 @@ def colourize(label: torch.Tensor) -> Image.Image:
 
 
 def heatmap(values: torch.Tensor) -> Image.Image:
-    """(h, w) -> RGB, min-max normalised, dark blue -> green -> yellow."""
+    """(h, w) -> RGB, min-max normalised, dark blue -> green -> yellow (matplotlib's viridis anchors)."""
     anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
     x = values.float().cpu().numpy()
-    x = (x - x.min()) / max(x.max() - x.min(), 1e-12) * (len(anchors) - 1)
+    x = (x - x.min()) / max(x.max() - x.min(), 1e-12) * (len(anchors) - 1)  # a constant map is all dark
     low = np.floor(x).astype(int).clip(0, len(anchors) - 2)
     frac = (x - low)[..., None]
     return Image.fromarray((anchors[low] * (1 - frac) + anchors[low + 1] * frac).astype(np.uint8))
 
 
-def denormalize(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) normalised with ImageNet statistics -> RGB image."""
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+def denormalize(image: torch.Tensor, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD) -> Image.Image:
+    """(3, H, W) normalised with `mean` and `std` (on 0-255 values) -> RGB image."""
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
     x = (image.float().cpu() * std + mean).clamp(0, 255).byte()
     return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def to_picture(image: torch.Tensor) -> Image.Image:
+    """uint8 (3, H, W) -> RGB image."""
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
+def enlarged(picture: Image.Image, min_height: int = MIN_HEIGHT) -> Image.Image:
+    """The picture scaled up by a whole factor (nearest: every pixel stays a clean block) to min_height."""
+    factor = max(1, math.ceil(min_height / picture.height))
+    return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
 
 
 def with_legend(picture: Image.Image, class_names: list[str], classes: list[int]) -> Image.Image:
     """The picture with a legend of the given classes' colours on its right."""
     font = ImageFont.load_default()
-    row = 16
-    width = 30 + max(ImageDraw.Draw(picture).textlength(class_names[k], font=font) for k in classes)
-    canvas = Image.new("RGB", (picture.width + int(width) + 10, max(picture.height, row * len(classes) + 10)), "white")
+    width = 30 + max((ImageDraw.Draw(picture).textlength(class_names[k], font=font) for k in classes), default=0)
+    height = max(picture.height, LEGEND_ROW * len(classes) + 10)
+    canvas = Image.new("RGB", (picture.width + int(width) + 10, height), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    swatches = colourize(torch.tensor(classes)[None])
+    swatches = colourize(torch.tensor(classes, dtype=torch.long)[None])
     for i, k in enumerate(classes):
-        x, y = picture.width + 8, 5 + i * row
+        x, y = picture.width + 8, 5 + i * LEGEND_ROW
         draw.rectangle([x, y, x + 14, y + 12], fill=swatches.getpixel((i, 0)), outline="black")
         draw.text((x + 20, y), class_names[k], fill="black", font=font)
     return canvas
+
+
+def overlay(picture: Image.Image, pred: torch.Tensor, class_names: list[str]) -> Image.Image:
+    """A photo half-covered by its prediction (H, W), enlarged to a readable size, with a legend."""
+    mixed = enlarged(Image.blend(picture, colourize(pred), 0.5))
+    return with_legend(mixed, class_names, sorted(pred.unique().tolist()))
+
+
+def prediction_strip(picture: Image.Image, label: torch.Tensor, pred: torch.Tensor,
+                     class_names: list[str]) -> Image.Image:
+    """image | ground truth | prediction, 10 pixels apart, with a legend of every class shown."""
+    panels = [enlarged(p) for p in (picture, colourize(label), colourize(pred))]
+    strip = Image.new("RGB", (sum(p.width for p in panels) + 10 * len(panels), panels[0].height), "white")
+    for i, p in enumerate(panels):
+        strip.paste(p, (i * (p.width + 10), 0))
+    present = sorted((set(label.unique().tolist()) | set(pred.unique().tolist())) - {data.IGNORE_INDEX})
+    return with_legend(strip, class_names, present)
 
 
 @torch.no_grad()
@@ -82,47 +114,10 @@ def prompt_score_maps(model: OTSeg, images: torch.Tensor, class_names: list[str]
     return grid(sim), grid(refined)
 
 
-def visualize(model: OTSeg, dataset, class_names: list[str], unseen: list[int], calibrate: bool,
-              window: dict, out_dir: str, count: int, device: torch.device) -> list[str]:
-    """For `count` images: image | ground truth | OTSeg+ prediction, and the per-prompt score maps of
-    the image's largest class in its first window, without MPS (left column) and with MPS (right)."""
-    os.makedirs(out_dir, exist_ok=True)
-    seen = None
-    if calibrate:
-        seen = torch.ones(len(class_names), dtype=torch.bool, device=device)
-        seen[list(unseen)] = False
-    predict = evaluate.make_predictor(model, class_names, seen)
-    written = []
-    for index in range(min(count, len(dataset))):
-        sample = dataset[index]
-        image, label = sample["image"].to(device), sample["label"]
-        probs = evaluate.slide_inference(predict, image, window["crop"], window["stride"])["OTSeg+"]
-        pred = F.interpolate(probs[None], size=label.shape, mode="bilinear", align_corners=False)[0].argmax(0)
-        picture = denormalize(image).resize(label.shape[::-1], Image.BILINEAR)
-        present = sorted((set(label.unique().tolist()) | set(pred.unique().tolist())) - {data.IGNORE_INDEX})
-        panels = [picture, colourize(label), colourize(pred)]
-        strip = Image.new("RGB", (sum(p.width for p in panels) + 10 * len(panels), picture.height), "white")
-        for i, p in enumerate(panels):
-            strip.paste(p, (i * (p.width + 10), 0))
-        path = os.path.join(out_dir, f"{sample['name']}_prediction.png")
-        with_legend(strip, class_names, present).save(path)
-        written.append(path)
-
-        counts = torch.bincount(label[label < len(class_names)].flatten(), minlength=len(class_names))
-        k = int(counts.argmax())
-        crop = window["crop"]
-        windows = F.pad(image, (0, max(crop[1] - image.shape[2], 0), 0, max(crop[0] - image.shape[1], 0)))
-        plain, refined = prompt_score_maps(model, windows[None, :, :crop[0], :crop[1]], class_names)
-        path = os.path.join(out_dir, f"{sample['name']}_prompts_{class_names[k].replace(' ', '_')}.png")
-        prompt_grid(plain[0, k], refined[0, k], model.templates, class_names[k]).save(path)
-        written.append(path)
-    return written
-
-
 def prompt_grid(plain: torch.Tensor, refined: torch.Tensor, templates: list[str], name: str) -> Image.Image:
     """(N, h, w) maps of one class: a row per prompt, cosine S^i on the left, after MPS on the right."""
     font = ImageFont.load_default()
-    tile, label_width, top = 96, 180, 18
+    tile, label_width, top = 96, 180, 18  # 96-pixel tiles; room for a 30-character prompt; the titles
     grid = Image.new("RGB", (label_width + 2 * (tile + 6), top + len(templates) * (tile + 4)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((label_width, 2), "cosine S^i", fill="black", font=font)
@@ -133,24 +128,3 @@ def prompt_grid(plain: torch.Tensor, refined: torch.Tensor, templates: list[str]
         for column, maps in enumerate((plain, refined)):
             grid.paste(heatmap(maps[n]).resize((tile, tile), Image.NEAREST), (label_width + column * (tile + 6), y))
     return grid
-
-
-@torch.no_grad()
-def segment_image(model: OTSeg, path: str, class_names: list[str], preset: dict, window: dict,
-                  device: torch.device, out_path: str) -> str:
-    """Segment any image with any class names (OTSeg+, no calibration) and save it with a legend."""
-    try:
-        picture = Image.open(path).convert("RGB")
-    except OSError as error:
-        sys.exit(f"error: cannot read image {path}: {error}")
-    pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1)  # (3, H0, W0) uint8
-    blank = tv_tensors.Mask(torch.zeros(pixels.shape[1:], dtype=torch.uint8))
-    image, _ = data.test_transform(preset)(tv_tensors.Image(pixels), blank)
-    predict = evaluate.make_predictor(model, class_names, seen=None)
-    probs = evaluate.slide_inference(predict, image.as_subclass(torch.Tensor).to(device), window["crop"], window["stride"])
-    probs = F.interpolate(probs["OTSeg+"][None], size=pixels.shape[1:], mode="bilinear", align_corners=False)
-    pred = probs[0].argmax(0)  # (H0, W0)
-    overlay = Image.blend(picture, colourize(pred), 0.5)
-    present = sorted(pred.unique().tolist())
-    with_legend(overlay, class_names, present).save(out_path)
-    return out_path

@@ -1,6 +1,6 @@
-"""evaluate.py: metrics against torchmetrics and the paper's hIoU, sliding windows, one- vs
-two-process evaluation, cross-dataset scoring, the release's checkpoint layout, Table 3's compute
-count, pictures, and clear errors. CPU, small random CLIP, generated data.
+"""evaluate.py and visualize.py: metrics against torchmetrics and the paper's hIoU, sliding windows, one-
+vs two-process evaluation, the release's cross-dataset settings, what `--image` and `--visualize` draw,
+and user errors as one line. CPU, small random CLIP, generated data.
 """
 import copy
 import json
@@ -8,35 +8,51 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
-import benchmark
 import checkpoint as checkpoints  # the module; `checkpoint` is the fixture below
-import clip
 import data
+import data_tools
 import evaluate
-import visualize
-from model import OTSeg, trainable_parameters
-from mpsa import MPSADecoder
+from model import OTSeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
+# PASCAL VOC's colour map (its devkit's labelcolormap.m) for label indices 0..20: class k is drawn as k + 1
+VOC_COLOURS = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+               (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
+               (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128)]
+# The normalisations on 0-255 values: MMSegmentation's ImageNet constants, and OpenAI CLIP's preprocessing
+IMAGENET = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+CLIP_STATS = tuple(255 * v for v in (0.48145466, 0.4578275, 0.40821073)), \
+    tuple(255 * v for v in (0.26862954, 0.26130258, 0.27577711))
 
 
 def run_main(*argv):
     evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def expect_error(tmp_path, match: str, *argv):
+    """The program stops with one line `error: ...` holding `match` and writes nothing under tmp_path."""
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv)
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert match in message, message
+    assert sorted(tmp_path.rglob("*")) == before, "a file was written"
+
+
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    return dict(voc=data.make_fake_dataset("voc", root, num_train=1, num_val=3, size=(70, 90)),
-                ade=data.make_fake_dataset("ade", root, num_train=1, num_val=2, size=(50, 80)))
+    return dict(voc=data_tools.make_fake_dataset("voc", root, num_train=1, num_val=3, size=(70, 90)),
+                ade=data_tools.make_fake_dataset("ade", root, num_train=1, num_val=2, size=(50, 80)))
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +96,8 @@ def test_iou_matches_torchmetrics_with_nan_for_absent_classes():
 
 
 def test_hiou_is_the_harmonic_mean_of_the_papers_rows():
-    assert evaluate.harmonic_iou(93.3, 81.6) == pytest.approx(87.06, abs=0.01)  # VOC inductive OTSeg+: 87.1
-    assert evaluate.harmonic_iou(56.2, 78.4) == pytest.approx(65.47, abs=0.01)  # Context fully (FACTS 10)
+    assert evaluate.harmonic_iou(93.3, 81.6) == pytest.approx(87.06, abs=0.01)  # Table 1, VOC inductive OTSeg+: 87.1
+    assert evaluate.harmonic_iou(56.2, 78.4) == pytest.approx(65.47, abs=0.01)  # Context fully: Table 4's S, 1's U
     assert math.isnan(evaluate.harmonic_iou(50.0, float("nan")))
     conf = torch.tensor([[10, 0, 10], [0, 10, 10], [0, 0, 10]])  # rows: truth; IoUs 1/2, 1/2, 1/3
     m = evaluate.segmentation_metrics(conf, unseen=[2])
@@ -115,7 +131,7 @@ def test_windows_cover_every_pixel_and_average_overlaps(size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: one process vs two, cross-dataset, pictures
+# Evaluation: one process vs two, and the release's cross-dataset settings
 # ----------------------------------------------------------------------------------------------
 
 def test_two_processes_give_exactly_the_one_process_confusion_matrix(checkpoint, fake_root, tmp_path):
@@ -136,7 +152,20 @@ def test_two_processes_give_exactly_the_one_process_confusion_matrix(checkpoint,
     two = json.load(open(out))["results"]
     for name in ("OTSeg", "OTSeg+"):
         assert two[name]["confusion"] == one[name]["confusion"], name
-    assert "mIoU(U)" in result.stdout and "hIoU" in result.stdout
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The images and windows evaluate.py slides over, as it runs."""
+    calls = []
+    slide = evaluate.slide_inference
+
+    def recording(predict, image, crop, stride, window_batch=8):
+        calls.append(dict(image=image.clone(), crop=tuple(crop), stride=tuple(stride)))
+        return slide(predict, image, crop, stride, window_batch)
+
+    monkeypatch.setattr(evaluate, "slide_inference", recording)
+    return calls
 
 
 def test_cross_dataset_uses_the_targets_names_and_all_its_classes(checkpoint, fake_root, tmp_path):
@@ -150,112 +179,142 @@ def test_cross_dataset_uses_the_targets_names_and_all_its_classes(checkpoint, fa
     assert report["window"]["crop"] == [64, 64]  # the source model's window
 
 
-def test_image_with_any_class_names_and_visualisations(checkpoint, fake_root, tmp_path):
+def test_ade20k_is_normalised_with_clips_statistics_unless_asked(checkpoint, fake_root, tmp_path, recorded):
     path, _ = checkpoint
-    Image.new("RGB", (70, 45), (30, 120, 200)).save(tmp_path / "photo.jpg")
-    run_main("--checkpoint", path, "--image", tmp_path / "photo.jpg", "--classes", "cat, grass,sky",
+    common = ["--checkpoint", path, "--dataset", "ade", "--data-root", fake_root["ade"], "--crop-size", 64,
+              "--limit", 1, "--device", "cpu", "--workers", 0, "--output-json", tmp_path / "ade.json"]
+    run_main(*common)
+    run_main(*common, "--normalization", "source")
+    target, source = recorded[0]["image"], recorded[1]["image"]
+
+    def pixels(x, stats):  # undo a normalisation: the resized uint8 image, if the statistics are right
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in stats)
+        return x * std + mean
+
+    for x, stats in ((target, CLIP_STATS), (source, IMAGENET)):
+        values = pixels(x, stats)
+        off = (values - values.round()).abs().max()
+        assert off < 1e-3, f"largest distance to a 0-255 level {off}"
+    assert torch.allclose(pixels(target, CLIP_STATS), pixels(source, IMAGENET), atol=1e-3)
+    assert not torch.allclose(target, source, atol=0.05)
+
+
+def test_coco_to_voc_slides_with_the_releases_stride_unless_asked(checkpoint, fake_root, tmp_path, recorded):
+    path, _ = checkpoint
+    ckpt = torch.load(path, weights_only=True)
+    coco = data.get_preset("coco")
+    ckpt.update(dataset="coco", classes=list(coco["classes"]), unseen=list(coco["unseen"]), crop_size=128,
+                window=dict(crop=[128, 128], stride=[106, 106]))  # a COCO model at a quarter of 512
+    torch.save(ckpt, tmp_path / "coco.pt")
+    common = ["--checkpoint", tmp_path / "coco.pt", "--data-root", fake_root["voc"], "--crop-size", 128, "--limit", 1,
+              "--device", "cpu", "--workers", 0, "--output-json", tmp_path / "voc.json"]
+    run_main(*common, "--dataset", "voc")  # configs/cross_dataset/coco-to-voc.py: stride 380 of 512
+    run_main(*common, "--dataset", "voc", "--window-stride", 106)
+    run_main(*common, "--dataset", "coco", "--data-root", data_tools.make_fake_dataset(
+        "coco", str(tmp_path / "coco"), num_train=1, num_val=1, size=(40, 60)))  # in domain: its own window
+    assert [(r["crop"], r["stride"]) for r in recorded] == [((128, 128), (95, 95)), ((128, 128), (106, 106)),
+                                                            ((128, 128), (106, 106))]
+
+
+# ----------------------------------------------------------------------------------------------
+# What --image and --visualize draw
+# ----------------------------------------------------------------------------------------------
+
+def red_or_not(model, class_names, seen, amp=False):
+    """A predictor whose answer is known: the first class where the pixel is redder than the dataset's
+    mean colour, the second elsewhere, never the others."""
+    def predict(windows):
+        red = (windows[:, :1] > 0).float()  # (b, 1, h, w): normalised red channel above its mean
+        probs = torch.cat([red, 1 - red, torch.zeros(windows.shape[0], len(class_names) - 2, *windows.shape[2:])], 1)
+        return {"OTSeg": probs, "OTSeg+": probs}
+    return predict
+
+
+def test_image_is_drawn_with_its_prediction_at_a_readable_size(checkpoint, tmp_path, monkeypatch, capsys):
+    path, _ = checkpoint
+    monkeypatch.setattr(evaluate, "make_predictor", red_or_not)
+    photo = np.zeros((64, 64, 3), np.uint8)
+    photo[:, :32] = (220, 30, 30)  # red left half
+    photo[:, 32:] = (30, 30, 220)  # blue right half
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    run_main("--checkpoint", path, "--image", tmp_path / "photo.png", "--classes", "cat, grass,sky",
              "--device", "cpu", "--crop-size", 64)
-    result = Image.open(tmp_path / "photo_otseg.png")
-    assert result.width > 70 and result.height >= 45  # the picture and a legend beside it
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "photo.png into 3 classes (cat, grass, sky)" in first and "voc with" not in first
+    result = np.asarray(Image.open(tmp_path / "photo_otseg.png").convert("RGB")).astype(int)
+    assert result.shape[0] == 256 and result.shape[1] > 256  # 64 pixels enlarged 4 times, a legend on the right
+    picture, legend = result[:, :256], result[:, 256:]
+    left = (np.array([220, 30, 30]) + VOC_COLOURS[1]) / 2  # half photo, half the colour of class 0 (cat)
+    right = (np.array([30, 30, 220]) + VOC_COLOURS[2]) / 2  # class 1 (grass)
+    assert np.abs(picture[:, :128] - left).max() <= 1 and np.abs(picture[:, 128:] - right).max() <= 1
+    colours = {tuple(c) for c in legend.reshape(-1, 3)}
+    assert VOC_COLOURS[1] in colours and VOC_COLOURS[2] in colours and VOC_COLOURS[3] not in colours  # no sky
+
+
+def test_visualize_draws_truth_prediction_and_one_row_per_prompt(checkpoint, fake_root, tmp_path):
+    path, model = checkpoint
     run_main("--checkpoint", path, "--data-root", fake_root["voc"], "--visualize", tmp_path / "vis",
              "--num-visualize", 1, "--limit", 1, "--crop-size", 64, "--device", "cpu", "--workers", 0,
              "--output-json", tmp_path / "x.json")
-    names = sorted(os.listdir(tmp_path / "vis"))
-    assert len(names) == 2 and names[0].endswith("_prediction.png") and "_prompts_" in names[1]
+    name = open(os.path.join(fake_root["voc"], "ImageSets", "Segmentation", "val.txt")).readline().strip()
+    raw = np.asarray(Image.open(os.path.join(fake_root["voc"], "SegmentationClass", name + ".png")))  # 0..20, 255
+    largest = np.bincount(raw[(raw > 0) & (raw < 255)], minlength=21)[1:].argmax()
+    prompts = f"{name}_prompts_{data.VOC_CLASSES[largest].replace(' ', '_')}.png"
+    assert sorted(os.listdir(tmp_path / "vis")) == sorted([f"{name}_prediction.png", prompts])
+
+    strip = np.asarray(Image.open(tmp_path / "vis" / f"{name}_prediction.png").convert("RGB"))
+    assert strip.shape[0] == 4 * 70  # 70 rows enlarged 4 times to reach 256
+    truth = strip[::4, 4 * 90 + 10:][:, :4 * 90:4]  # second panel, one pixel per label pixel
+    expected = np.array([VOC_COLOURS[v] if v < 21 else (0, 0, 0) for v in raw.flatten()]).reshape(*raw.shape, 3)
+    assert (truth == expected).all(), f"{(truth != expected).any(-1).sum()} pixels of the truth panel differ"
+
+    grid = np.asarray(Image.open(tmp_path / "vis" / prompts).convert("RGB"))
+    column = (grid[:, -8] != 255).any(-1)  # through the right-hand maps: tiles are never white
+    starts = np.flatnonzero(column[1:] & ~column[:-1]) + 1
+    ends = np.flatnonzero(column[:-1] & ~column[1:]) + 1
+    assert len(starts) == len(model.templates) == 3 and set(ends - starts) == {96}  # one 96-pixel tile per prompt
 
 
 # ----------------------------------------------------------------------------------------------
-# The release's checkpoints
+# User errors: one line, exit non-zero, nothing written
 # ----------------------------------------------------------------------------------------------
 
-def release_layout(model: OTSeg, clip_model) -> dict:
-    """Our weights written under the release's MMSegmentation key names (from its model code),
-    with the weights it builds and never uses, the frozen backbone and the text encoder."""
-    w = {name: p.detach().clone() for name, p in trainable_parameters(model)}
-    d = model.relationship_descriptor.out_features
-    sd = {"backbone.conv1.weight": clip_model.visual.conv1.weight.detach().clone(),
-          "backbone.ln_post.weight": torch.ones(64), "text_encoder.ln_final.weight": torch.ones(64)}
-    for name in ("prompt_embeddings", "deep_prompt_embeddings", "prompt_proj.weight", "prompt_proj.bias",
-                 "prompt_norm.weight", "prompt_norm.bias"):
-        sd[f"backbone.{name}"] = w[f"clip.visual.{name}"]
-    sd["decode_head.q_proj.weight"] = w["relationship_descriptor.weight"]
-    sd["decode_head.q_proj.bias"] = w["relationship_descriptor.bias"]
-    for i in range(3):
-        ours, theirs = f"decoder.layers.{i}.", f"decode_head.decoder_1.layers.{i}."
-        for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("proj", "out_proj")):
-            for t in ("weight", "bias"):
-                sd[f"{theirs}multihead_attn.{a}.{t}"] = w.get(f"{ours}cross_attn.{b}.{t}", torch.randn(d, d) if t == "weight" else torch.randn(d))
-        for t in ("weight", "bias"):
-            for layer in ("linear1", "linear2", "norm1", "norm2", "norm3"):
-                sd[f"{theirs}{layer}.{t}"] = w.get(f"{ours}{layer}.{t}", torch.randn(3))
-        sd[f"{theirs}self_attn.in_proj_weight"] = torch.randn(3 * d, d)
-        sd[f"{theirs}self_attn.out_proj.weight"] = torch.randn(d, d)
-    return sd
-
-
-def test_release_checkpoint_converts_to_the_same_model(checkpoint, tmp_path):
-    model = copy.deepcopy(checkpoint[1])
-    torch.manual_seed(1)
-    for _, p in trainable_parameters(model):  # weights no init would give
-        p.data.normal_()
-    state_dict = release_layout(model, model.clip)
-    torch.save({"meta": {"iter": 20000}, "state_dict": state_dict}, tmp_path / "release.pth")
-    ckpt = checkpoints.convert_release_checkpoint(torch.load(tmp_path / "release.pth", weights_only=True), "voc",
-                                               "inductive", "random-tiny", CPU)
-    assert ckpt["clip"]["prompt_tokens"] == 4 and ckpt["step"] == 20000 and ckpt["setting"] == "inductive"
-    converted = dict(ckpt["model"])
-    for name, p in trainable_parameters(model):
-        assert torch.equal(converted[name], p.detach()), name
-    state_dict["decode_head.unknown.weight"] = torch.ones(1)
-    with pytest.raises(SystemExit, match="unknown keys"):
-        checkpoints.convert_release_state_dict(state_dict, dict(trainable_parameters(model)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Efficiency: the paper's compute convention by hand
-# ----------------------------------------------------------------------------------------------
-
-def test_paper_macs_count_linear_and_conv_outside_clip_attention(checkpoint):
-    _, model = checkpoint
-    names = list(data.VOC_CLASSES)
-    model.text_embeddings(names)
-    K, N, C, T, W, M, layers = 20, 3, 64, 4, 64, 16, 2  # 64x64 image: 4x4 patches of 16
-    tokens = 1 + T + M
-    expected = (M * 3 * 16 * 16 * W  # patch embedding
-                + layers * T * W * W  # prompt_proj on every layer's prompts
-                + layers * tokens * 2 * W * 4 * W  # CLIP's MLPs (its attention is not counted)
-                + K * N * 2 * C * C  # relationship descriptor
-                + 2 * (2 * K * N * C * C + 2 * M * C * C + 2 * K * N * C * 4 * C)  # decoder layers 1-2
-                + K * N * C * C + M * C * C)  # layer 3: query and key projections
-    macs = benchmark.paper_macs(model, torch.randn(1, 3, 64, 64), names)
-    assert macs == expected, (macs, expected)
-    assert benchmark.full_flops(model, torch.randn(1, 3, 64, 64), names) > 2 * macs  # attention counted
-    table = benchmark.efficiency_table(model, names, 64, CPU, iters=1, amp=False)
-    assert "OTSeg+ (MPSA)" in table and "softmax cross-attention" in table
-
-
-def test_release_overheads_are_the_papers_13_8m():
-    head = SimpleNamespace(relationship_descriptor=torch.nn.Linear(1024, 512), decoder=MPSADecoder(512))
-    parameters, macs = benchmark.release_overheads(head, num_queries=20 * 6, num_pixels=32 * 32)
-    assert parameters == 3_154_944 + 2_627_072  # FACTS 3: self-attention + the last layer's unused weights
-    assert 8_039_168 + parameters == pytest.approx(13.8e6, abs=0.05e6)
-    assert macs == 32 * 32 * 512 * 512 + 120 * 512 * 512 + 2 * 120 * 512 * 2048  # ~0.55 G: 61.3 -> 61.9
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input
-# ----------------------------------------------------------------------------------------------
-
-def test_checkpoint_from_another_backbone_or_unreadable(checkpoint, fake_root, tmp_path):
+def test_bad_class_lists_images_and_output_paths(checkpoint, fake_root, tmp_path):
     path, _ = checkpoint
-    torch.save(clip.CLIP(**dict(clip.TINY, vision_layers=3)).state_dict(), tmp_path / "deep.pt")
-    with pytest.raises(SystemExit, match=r"vision_layers 2 \(this CLIP: 3\)"):
-        run_main("--checkpoint", path, "--clip-weights", tmp_path / "deep.pt", "--data-root", fake_root["voc"],
-                 "--device", "cpu", "--output-json", tmp_path / "never.json")
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(SystemExit, match="cannot read"):
-        run_main("--checkpoint", tmp_path / "junk.pt", "--data-root", fake_root["voc"])
-    with pytest.raises(SystemExit, match="needs --source"):
-        torch.save({"state_dict": {"decode_head.q_proj.weight": torch.ones(1)}}, tmp_path / "release.pth")
-        run_main("--checkpoint", tmp_path / "release.pth", "--data-root", fake_root["voc"])
-    assert not (tmp_path / "never.json").exists()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "photo.png")
+    image = ["--checkpoint", path, "--device", "cpu", "--image"]
+    expect_error(tmp_path, "--classes holds no class name", *image, tmp_path / "in" / "photo.png", "--classes", " , ")
+    expect_error(tmp_path, "--classes names Cat, cat more than once", *image, tmp_path / "in" / "photo.png",
+                 "--classes", "Cat,grass,cat")
+    expect_error(tmp_path, "--image and --classes go together", *image, tmp_path / "in" / "photo.png")
+    expect_error(tmp_path, "is not a picture", *image, tmp_path / "in" / "broken.jpg", "--classes", "cat,sky")
+    expect_error(tmp_path, "no such file", *image, tmp_path / "in" / "missing.jpg", "--classes", "cat,sky")
+    expect_error(tmp_path, "--output", *image, tmp_path / "in" / "photo.png", "--classes", "cat,sky",
+                 "--output", tmp_path / "missing" / "out.png")
+    score = ["--checkpoint", path, "--data-root", fake_root["voc"], "--device", "cpu", "--crop-size", 64]
+    expect_error(tmp_path, f"--output-json {tmp_path / 'missing' / 'x.json'}: the folder", *score,
+                 "--output-json", tmp_path / "missing" / "x.json")
+    expect_error(tmp_path, "--window-stride 65 exceeds the window (64 pixels", *score, "--window-stride", 65,
+                 "--output-json", tmp_path / "x.json")
+    expect_error(tmp_path, "nothing to do", "--checkpoint", path)
+    expect_error(tmp_path, "argument --dataset: invalid choice", *score, "--dataset", "pascal")
+
+
+def test_an_error_is_one_line_on_stderr(checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", checkpoint[0],
+                             "--image", "photo.jpg", "--classes", " , "], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.startswith("error: --classes") and result.stderr.count("\n") == 1, result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_broken_dataset_file_met_in_a_worker_is_one_line(checkpoint, tmp_path):
+    root = data_tools.make_fake_dataset("voc", str(tmp_path / "in"), num_train=1, num_val=2, size=(40, 52))
+    name = open(os.path.join(root, "ImageSets", "Segmentation", "val.txt")).read().split()[1]
+    label = os.path.join(root, "SegmentationClass", name + ".png")
+    with open(label, "r+b") as f:
+        f.truncate(60)  # a truncated PNG, found by the DataLoader worker that reads it
+    expect_error(tmp_path, f"cannot read label {label}", "--checkpoint", checkpoint[0], "--data-root", root,
+                 "--crop-size", 64, "--device", "cpu", "--workers", 1, "--output-json", tmp_path / "x.json")

@@ -1,0 +1,228 @@
+"""checkpoint.py: the authors' released checkpoints, laid out exactly as MMCV writes them, convert to the
+model they were saved from (in Python and with `evaluate.py --convert`), and every bad checkpoint or
+CLIP file ends in one line `error: ...` with nothing written. CPU, small random CLIP, generated data.
+"""
+import json
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import checkpoint as checkpoints  # the module; `checkpoint` is the fixture below
+import clip
+import data
+import data_tools
+import evaluate
+from model import OTSeg, trainable_parameters
+
+CPU = torch.device("cpu")
+PROMPT_TOKENS = 4
+
+
+def run_main(*argv):
+    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def expect_error(tmp_path, match: str | tuple[str, ...], *argv):
+    """The program stops with one line `error: ...` holding `match` and writes nothing under tmp_path."""
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv)
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert all(part in message for part in ((match,) if isinstance(match, str) else match)), message
+    assert sorted(p for p in tmp_path.rglob("*")) == before, "a file was written"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint in train.py's format: a random-tiny model with weights no init gives, VOC inductive."""
+    torch.manual_seed(0)
+    preset = data.get_preset("voc", 64)
+    clip_model = checkpoints.build_clip("random-tiny", PROMPT_TOKENS, 64, CPU)
+    model = OTSeg(clip_model, preset["templates"]).eval()
+    for _, p in trainable_parameters(model):
+        p.data.normal_()
+    ckpt = dict(format=checkpoints.FORMAT, model=checkpoints.trainable_state_dict(model),
+                clip=checkpoints.describe_clip(clip_model, "random-tiny"), templates=model.templates,
+                matching="sinkhorn", dataset="voc", setting="inductive", classes=list(preset["classes"]),
+                unseen=list(preset["unseen"]), crop_size=64, window=dict(crop=[64, 64], stride=[40, 40]),
+                step=0, args={}, schedule={})
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    checkpoints.atomic_save(ckpt, str(path))
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    return data_tools.make_fake_dataset("voc", str(tmp_path_factory.mktemp("data")), num_train=1, num_val=2,
+                                        size=(40, 52))
+
+
+# ----------------------------------------------------------------------------------------------
+# A release checkpoint as MMCV's save_checkpoint writes it, the release's modules built from torch parts
+# ----------------------------------------------------------------------------------------------
+
+def release_head(dim: int, num_loss_classes: int) -> nn.Module:
+    """The release's decode head (`decode_seg.py` ATMSingleHeadSeg) as torch modules: one stage whose
+    decoder is nn.TransformerDecoder over a TransformerDecoderLayer whose cross-attention is replaced by
+    AttentionOT (q, k, v, proj), the relationship descriptor q_proj, and the loss module `SegLossPlus`
+    whose criterion (`criterion.py`) registers the buffer `empty_weight`."""
+    layer = nn.TransformerDecoderLayer(d_model=dim, nhead=8, dim_feedforward=4 * dim)
+    del layer.multihead_attn
+    layer.multihead_attn = nn.Module()
+    for name in ("q", "k", "v", "proj"):
+        setattr(layer.multihead_attn, name, nn.Linear(dim, dim))
+    head = nn.Module()
+    head.decoder_1 = nn.TransformerDecoder(layer, num_layers=3)
+    head.q_proj = nn.Linear(2 * dim, dim)
+    head.loss_decode = nn.Module()
+    head.loss_decode.criterion = nn.Module()
+    empty_weight = torch.ones(num_loss_classes + 1)
+    empty_weight[-1] = 0.1  # the no-object weight of its DETR-style criterion
+    head.loss_decode.criterion.register_buffer("empty_weight", empty_weight)
+    return head
+
+
+def release_checkpoint(model: OTSeg, crop: int) -> dict:
+    """What the release saves for `model`: MMCV's {'meta', 'state_dict', 'optimizer'}, every parameter and
+    persistent buffer of its modules under 'backbone.', 'text_encoder.' and 'decode_head.'."""
+    torch.manual_seed(2)
+    frozen = {k: v for k, v in model.clip.state_dict().items() if not k.startswith("visual.prompt")}
+    width, patch = frozen["visual.conv1.weight"].shape[0], frozen["visual.conv1.weight"].shape[-1]
+    layers = sum(k.endswith("ln_1.weight") for k in frozen if k.startswith("visual."))
+    dim = model.relationship_descriptor.out_features
+    # img_encoder.py VPTCLIPVisionTransformer: OpenAI's visual weights, positions for the crop, VPT's prompts
+    backbone = {k[len("visual."):]: v.clone() for k, v in frozen.items() if k.startswith("visual.")}
+    backbone["positional_embedding"] = torch.randn((crop // patch) ** 2 + 1, width)
+    vpt = nn.Module()
+    vpt.prompt_embeddings = nn.Parameter(torch.zeros(1, PROMPT_TOKENS, width))
+    vpt.deep_prompt_embeddings = nn.Parameter(torch.zeros(layers - 1, PROMPT_TOKENS, width))
+    vpt.prompt_proj = nn.Linear(width, width)
+    vpt.prompt_norm = nn.LayerNorm(width, eps=1e-6)
+    # text_encoder.py CLIPTextEncoder: OpenAI's text weights (no logit_scale)
+    text_encoder = {k: v.clone() for k, v in frozen.items() if not k.startswith("visual.") and k != "logit_scale"}
+    head = release_head(dim, num_loss_classes=15)  # an inductive VOC run: 15 seen classes
+    trained = list(vpt.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=2e-4, weight_decay=0.01)
+    sum(p.sum() for p in trained).backward()
+    optimizer.step()  # Adam's moments exist after the first step
+    with torch.no_grad():
+        for p in head.parameters():  # the parts OTSeg never uses hold random numbers, as after training
+            p.normal_()
+        ours = model.clip.visual
+        for name in ("prompt_embeddings", "deep_prompt_embeddings"):
+            getattr(vpt, name).copy_(getattr(ours, name))
+        vpt.prompt_proj.load_state_dict(ours.prompt_proj.state_dict())
+        vpt.prompt_norm.load_state_dict(ours.prompt_norm.state_dict())
+        head.q_proj.load_state_dict(model.relationship_descriptor.state_dict())
+        for mine, theirs in zip(model.decoder.layers, head.decoder_1.layers):
+            for a, b in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("out_proj", "proj")):
+                if hasattr(mine.cross_attn, a):  # the last layer has only q and k
+                    getattr(theirs.multihead_attn, b).load_state_dict(getattr(mine.cross_attn, a).state_dict())
+            for name in ("linear1", "linear2", "norm2", "norm3"):
+                if hasattr(mine, name):
+                    getattr(theirs, name).load_state_dict(getattr(mine, name).state_dict())
+    backbone.update(vpt.state_dict())
+    state_dict = OrderedDict()
+    for prefix, part in (("backbone.", backbone), ("text_encoder.", text_encoder), ("decode_head.", head.state_dict())):
+        state_dict.update((prefix + k, v) for k, v in part.items())
+    meta = dict(env_info="sys.platform: linux", config="model = dict(type='OTSeg', ...)", seed=0,
+                exp_name="vpt_seg_zero_vit-b_512x512_20k_12_10.py", mmcv_version="1.6.0",
+                time="Tue Mar  5 10:00:00 2024", CLASSES=tuple(data.VOC_CLASSES),
+                PALETTE=[[128, 0, 0]] * 20, epoch=1, iter=20000)
+    return {"meta": meta, "state_dict": state_dict, "optimizer": optimizer.state_dict()}
+
+
+def test_the_layout_holds_what_mmcv_saves_of_the_releases_modules(checkpoint):
+    sd = release_checkpoint(checkpoint[1], 512)["state_dict"]
+    assert "decode_head.loss_decode.criterion.empty_weight" in sd
+    per_layer = [k for k in sd if k.startswith("decode_head.decoder_1.layers.0.")]
+    assert len(per_layer) == 4 + 8 + 4 + 6  # self_attn (4), q/k/v/proj (8), two linears (4), three norms (6)
+    assert sd["backbone.positional_embedding"].shape[0] == 32 * 32 + 1 and "text_encoder.ln_final.weight" in sd
+
+
+def test_release_checkpoint_converts_to_the_model_it_was_saved_from(checkpoint, tmp_path):
+    _, model = checkpoint
+    torch.save(release_checkpoint(model, 512), tmp_path / "release.pth")
+    read = checkpoints.read_checkpoint(str(tmp_path / "release.pth"))  # weights_only: MMCV's file is plain data
+    ckpt = checkpoints.convert_release_checkpoint(read, "voc", "inductive", "random-tiny", CPU)
+    assert ckpt["clip"]["prompt_tokens"] == PROMPT_TOKENS and ckpt["step"] == 20000 and ckpt["crop_size"] == 512
+    for name, p in trainable_parameters(model):
+        assert torch.equal(ckpt["model"][name], p.detach()), f"{name}: largest difference " \
+                                                             f"{(ckpt['model'][name] - p).abs().max()}"
+
+
+def test_convert_from_the_command_line_evaluates_as_the_original(checkpoint, voc_root, tmp_path):
+    _, model = checkpoint
+    torch.save(release_checkpoint(model, 512), tmp_path / "release.pth")
+    release = ["--source", "voc", "--setting", "inductive", "--clip-weights", "random-tiny"]
+    common = ["--data-root", voc_root, "--crop-size", 64, "--limit", 1, "--device", "cpu", "--workers", 0]
+    run_main("--checkpoint", tmp_path / "release.pth", *release, "--convert", tmp_path / "converted.pt",
+             *common, "--output-json", tmp_path / "release.json")
+    run_main("--checkpoint", tmp_path / "converted.pt", *common, "--output-json", tmp_path / "converted.json")
+    original, converted = (json.load(open(tmp_path / f"{n}.json"))["results"] for n in ("release", "converted"))
+    for name in ("OTSeg", "OTSeg+"):
+        assert converted[name]["confusion"] == original[name]["confusion"], name
+    saved = torch.load(tmp_path / "converted.pt", weights_only=True)
+    assert saved["dataset"] == "voc" and saved["setting"] == "inductive"
+    assert all(torch.equal(saved["model"][n], p.detach()) for n, p in trainable_parameters(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad checkpoints and CLIP files: one line, nothing written
+# ----------------------------------------------------------------------------------------------
+
+def test_release_checkpoint_with_an_unknown_key_or_of_another_dataset(checkpoint, voc_root, tmp_path):
+    ckpt = release_checkpoint(checkpoint[1], 512)
+    ckpt["state_dict"]["decode_head.conv_seg.weight"] = torch.ones(1)  # a head OTSeg does not have
+    (tmp_path / "in").mkdir()
+    torch.save(ckpt, tmp_path / "in" / "unknown.pth")
+    out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json",
+           "--convert", tmp_path / "out.pt", "--clip-weights", "random-tiny", "--setting", "inductive"]
+    expect_error(tmp_path, "unknown keys ['decode_head.conv_seg.weight']",
+                 "--checkpoint", tmp_path / "in" / "unknown.pth", "--source", "voc", *out)
+    del ckpt["state_dict"]["decode_head.conv_seg.weight"]
+    ckpt["meta"]["CLASSES"] = tuple(data.COCO_CLASSES)  # trained on COCO-Stuff, given as VOC
+    torch.save(ckpt, tmp_path / "in" / "coco.pth")
+    expect_error(tmp_path, "171 classes, not on voc (20): give its dataset as --source",
+                 "--checkpoint", tmp_path / "in" / "coco.pth", "--source", "voc", *out)
+    expect_error(tmp_path, "needs --source", "--checkpoint", tmp_path / "in" / "coco.pth", "--data-root", voc_root,
+                 "--setting", "inductive")
+
+
+def test_unreadable_or_foreign_checkpoints(checkpoint, voc_root, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "text.pt").write_text("not a checkpoint")
+    torch.save(torch.ones(3), tmp_path / "in" / "tensor.pt")
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "in" / "other_model.pt")
+    out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json"]
+    expect_error(tmp_path, "cannot read", "--checkpoint", tmp_path / "in" / "text.pt", *out)
+    expect_error(tmp_path, "holds a Tensor", "--checkpoint", tmp_path / "in" / "tensor.pt", *out)
+    expect_error(tmp_path, "neither a checkpoint of this project", "--checkpoint", tmp_path / "in" / "other_model.pt",
+                 *out)
+    expect_error(tmp_path, "no checkpoint at", "--checkpoint", tmp_path / "in" / "missing.pt", *out)
+
+
+def test_checkpoint_of_another_backbone_or_dataset(checkpoint, voc_root, tmp_path):
+    path, _ = checkpoint
+    (tmp_path / "in").mkdir()
+    torch.save(clip.CLIP(**dict(clip.TINY, vision_layers=3)).state_dict(), tmp_path / "in" / "deep.pt")
+    out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json"]
+    expect_error(tmp_path, "vision_layers 2 (this CLIP: 3)", "--checkpoint", path, "--clip-weights",
+                 tmp_path / "in" / "deep.pt", *out)
+    expect_error(tmp_path, "was trained with --source voc", "--checkpoint", path, "--source", "coco", *out)
+    expect_error(tmp_path, "was trained with --setting inductive", "--checkpoint", path, "--setting", "fully", *out)
+
+
+def test_corrupt_clip_weights_or_a_torch_file_that_is_not_clip(checkpoint, voc_root, tmp_path):
+    path, _ = checkpoint
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "random.pt").write_bytes(os.urandom(4096))
+    torch.save({"weight": torch.ones(3)}, tmp_path / "in" / "not_clip.pt")
+    out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json"]
+    for name in ("random.pt", "not_clip.pt", "missing.pt"):  # the message names the flag and the file
+        expect_error(tmp_path, ("error: --clip-weights: ", str(tmp_path / "in" / name)), "--checkpoint", path,
+                     "--clip-weights", tmp_path / "in" / name, *out)

@@ -16,6 +16,10 @@ rebuild the rest:
 (OpenAI's `ViT-B-16.pt`, or 'random-tiny' for trials without downloads), checks that it is the one the
 checkpoint was trained with, and loads the trained weights. The second half of the file reads the
 authors' released MMSegmentation checkpoints into this format (see docs/release.md).
+
+This is the plumbing of the programs (train.py, evaluate.py): a file a user gave that does not fit
+(unreadable, another model, another CLIP, another dataset) ends the program with one line
+`error: ...` that names it and says what to do.
 """
 import hashlib
 import os
@@ -96,8 +100,12 @@ def atomic_save(obj: dict, path: str) -> None:
     """torch.save to a temporary file and rename it: a crash never leaves half a checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:  # a failed save (full disk, interrupt) leaves no temporary file behind either
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_checkpoint(path: str) -> dict:

@@ -1,7 +1,7 @@
 """train.py -- train OTSeg with the paper's protocol, on one device or many with torchrun.
 
 One plain loop (nanoGPT's shape): options, distributed set-up, data, model, loop. The schedule of the
-authors' release (reference FACTS sections 6-7) is the table SCHEDULES below; it is printed at the
+authors' release (docs/release.md, "Optimisation") is the table SCHEDULES below; it is printed at the
 start and saved into every checkpoint, so evaluate.py needs nothing from this file.
 
 Single process (one GPU, or the CPU):
@@ -17,22 +17,33 @@ Without downloads (a small random CLIP, generated data; what the tests run):
     python train.py --dataset voc --data-root /tmp/fake --clip-weights random-tiny --crop-size 64 \
         --iters 20 --batch-size 4 --warmup-iters 0 --device cpu
 
-The loss is normalised over the whole global batch (FACTS 5): every process back-propagates the sums
-of its focal and dice terms, gradients are summed over micro-steps and processes, then divided once
-by the number of (image, present class) pairs of the global batch. So gradient accumulation changes
-nothing but memory, and the result is the release's (which divides by count / world size per process
-and averages gradients over processes).
+The loss is normalised over the whole global batch (paper Sec. 4.3; the release's
+`models/losses/criterion.py`): every process back-propagates the sums of its focal and dice terms,
+gradients are summed over micro-steps and processes, then divided once by the number of
+(image, present class) pairs of the global batch. So gradient accumulation changes nothing but
+memory, and the result is the release's (which divides by count / world size per process and
+averages gradients over processes; docs/release.md, "Gradient normalisation across processes").
 
-Checkpoints (rank 0, written atomically): trainable weights only (VPT prompts and the head), the
-optimizer, step, RNG states of every process, arguments, schedule, the CLIP's description, templates,
-classes and test windows. `--resume` continues exactly where a run stopped: the data order is a pure
-function of (seed, step) and each sample's augmentation is seeded by its position in that order.
+Randomness. The data order is a pure function of (seed, step) (GlobalBatchSampler), and each
+sample's augmentation is seeded by its position in that order (SeededSamples): neither depends on
+the number of processes, micro-steps or data-loader workers, so the workers need no seeding of their
+own. Dropout is seeded by seed + rank, so that processes draw different masks; its random states
+are saved in every checkpoint. `--resume` therefore continues exactly where a run stopped.
+
+Checkpoints (rank 0, written atomically; the format is checkpoint.py's): trainable weights only (VPT
+prompts and the head), the optimizer, step, random states of every process, arguments, schedule,
+the CLIP's description, templates, classes and test windows.
+
+Bad input (a path, a checkpoint of another run, a damaged file met by a data-loading worker) stops
+the program with one line `error: ...` before anything is written, or, met during training, leaves
+no directory behind that holds nothing but the log of the failed start.
 """
 import argparse
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -50,7 +61,8 @@ from common import autocast, close_distributed, print0, setup_distributed
 from model import OTSeg, trainable_parameters
 
 # ----------------------------------------------------------------------------------------------
-# The schedule of the release (FACTS 6-7), one row per dataset; data presets live in data.py
+# The schedule of the release, one row per dataset (docs/release.md, "Schedule"; the release's
+# `configs/_base_/schedules/schedule_20k.py` and model configs); data presets live in data.py
 # ----------------------------------------------------------------------------------------------
 
 SCHEDULE = dict(
@@ -61,9 +73,9 @@ SCHEDULE = dict(
     min_lr=1e-6,
     warmup_iters=1500,    # mmcv 'linear' warmup: lr * (1 - (1 - step / 1500) * (1 - 1e-6))
     warmup_ratio=1e-6,
-    batch_size=16,        # global: 4 GPUs x 4 images in the release
+    batch_size=16,        # global: 4 GPUs x 4 images in the release (paper Sec. 5.2: batch 16)
     micro_batch=4,        # images per process per forward (the release's samples_per_gpu)
-    focal_weight=100.0,   # FACTS 5
+    focal_weight=100.0,   # the release's model configs (paper Sec. 4.3 names the weights, not their values)
     dice_weight=1.0,
 )
 SCHEDULES = {  # iterations inductive / fully supervised, transductive (after the half-way checkpoint)
@@ -95,13 +107,19 @@ def learning_rate(step: int, schedule: dict) -> float:
     return lr
 
 
+def default_workers() -> int:
+    """Data-loading processes per training process: 4, or as many as this machine has cores if fewer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train OTSeg (see the module docstring for commands)")
     group = parser.add_argument_group("data and setting")
     group.add_argument("--dataset", default="voc", choices=sorted(data.DATASETS),
                        help="training dataset (presets in data.py)")
     group.add_argument("--setting", default="inductive", choices=["inductive", "transductive", "fully"],
-                       help="zero-shot setting (FACTS 6)")
+                       help="zero-shot setting (paper Sec. 2.1 and 5.3; docs/release.md, 'Settings')")
     group.add_argument("--data-root", required=True, help="dataset root in the MMSegmentation layout")
     group.add_argument("--num-prompts", type=int, default=None,
                        help="use the first N templates (paper Table 5(a); default: all of the preset, 6 or 8)")
@@ -128,7 +146,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--init-from", default=None,
                        help="start from these trained weights (transductive: the inductive iter_HALF.pt)")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
+    group.add_argument("--workers", type=int, default=default_workers(),
+                       help="data loading processes per GPU (default: 4, or the number of cores if fewer)")
     group.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (Sinkhorn stays fp32)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -171,6 +190,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
 
     def order(self, epoch: int) -> list[int]:
+        # One generator seed per (seed, epoch): the multiplier, a prime above any run's epoch count,
+        # keeps the orders of neighbouring --seed values apart (seed s, epoch e never meets seed s + 1).
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=generator).tolist()
 
@@ -204,6 +225,8 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         position, index = item
+        # One seed per (seed, position), as in GlobalBatchSampler.order: a prime multiplier above the
+        # positions of most runs (a million samples), so that neighbouring --seed values do not share.
         seed = (self.seed * 1_000_003 + position) % 2 ** 32
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
@@ -222,55 +245,67 @@ class SeededSamples(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 
 def pseudo_label(outputs: dict, labels: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
-    """Transductive labels (FACTS 6): pixels whose true class is unseen get the model's unseen guess.
+    """Transductive labels: pixels whose true class is unseen get the model's unseen guess.
 
     P = sigmoid(0.5 S + 0.5 D) with both maps detached; the seen channels are set to -1 so that the
-    argmax is over the unseen classes; no threshold. unseen: bool (256,) lookup over label values.
+    argmax is over the unseen classes; no threshold (docs/release.md, "Transductive"; the release's
+    `decode_seg.py`, `forward_train`). unseen: bool (256,) lookup over label values.
     """
     with torch.no_grad():
         p = torch.sigmoid(0.5 * outputs["score"].float() + 0.5 * outputs["decoder"].float())  # (B, K, H, W)
-        p[:, ~unseen[:p.shape[1]]] = -1
-        guess = p.argmax(dim=1)  # (B, H, W)
+        seen = ~unseen[:p.shape[1]].view(1, -1, 1, 1)  # (1, K, 1, 1); masked_fill: no host sync
+        guess = p.masked_fill(seen, -1).argmax(dim=1)  # (B, H, W)
     return torch.where(unseen[labels], guess, labels)
 
 
+def lookup_table(unseen: list[int], device: torch.device) -> torch.Tensor:
+    """bool (256,): True at the label values of the unseen classes (pseudo_label's `unseen`)."""
+    table = torch.zeros(256, dtype=torch.bool)
+    table[unseen] = True
+    return table.to(device)
+
+
+STEP_VALUES = ("loss", "decoder_focal", "decoder_dice", "score_focal", "score_dice", "num_masks")
+LOSS_PARTS = ("total", "decoder_focal", "decoder_dice", "score_focal", "score_dice")  # losses.otseg_loss's
+
+
 def train_step(model, optimizer, micro_batches: list, class_names: list[str], lr: float,
-               params: list[torch.Tensor], world_size: int, amp, schedule: dict,
-               unseen: torch.Tensor | None = None) -> torch.Tensor:
+               params: list[torch.Tensor], world_size: int, precision, schedule: dict,
+               unseen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step over the global batch given as this process's micro-batches.
 
     Each micro-step back-propagates the *sums* of the losses (num_masks = 1); gradients are summed
     over micro-steps and processes and divided once by max(number of (image, class) pairs, P), which
-    is the release's loss / (count / P) averaged over P processes. Returns the step's
-    [total, decoder focal, decoder dice, score focal, score dice, num_masks], normalised, all reduced.
+    is the release's loss / (count / P) averaged over P processes. `precision` is the autocast
+    context of the forward pass; the losses run in fp32 outside it (losses.py casts the logits).
+    Returns STEP_VALUES as 0-d tensors on the device (no host synchronisation): the losses
+    normalised like the gradients, and the global batch's num_masks, all reduced over processes.
     """
     optimizer.zero_grad(set_to_none=True)
-    stats = torch.zeros(6, device=params[0].device)
+    sums = torch.zeros(len(STEP_VALUES), device=params[0].device)  # the loss parts, then the pair count
     for images, labels in micro_batches:
-        with amp:
+        with precision:
             outputs = model(images, class_names)  # dict(decoder, score): (b, K, H, W) logits
         if unseen is not None:
             labels = pseudo_label(outputs, labels, unseen)
         parts = losses.otseg_loss(outputs, labels, num_masks=1.0, focal_weight=schedule["focal_weight"],
                                   dice_weight=schedule["dice_weight"])
         parts["total"].backward()
-        stats += torch.stack([parts[k].detach() for k in ("total", "decoder_focal", "decoder_dice",
-                                                          "score_focal", "score_dice")]
-                             + [losses.count_masks(labels, len(class_names))])
+        sums += torch.stack([parts[k].detach() for k in LOSS_PARTS] + [losses.count_masks(labels, len(class_names))])
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     if world_size > 1:
         dist.all_reduce(flat)  # sums of gradients over processes ...
-        dist.all_reduce(stats)  # ... and of losses and pair counts
+        dist.all_reduce(sums)  # ... and of losses and pair counts
     # ... divided by the global batch's pairs: max(count, P) = P * max(count / P, 1), the release's clamp
-    flat /= stats[5].clamp(min=world_size)
+    pairs = sums[-1].clamp(min=world_size)
+    flat /= pairs
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    stats[:5] /= stats[5].clamp(min=world_size)
-    return stats
+    return dict(zip(STEP_VALUES, torch.cat([sums[:-1] / pairs, sums[-1:]]).unbind()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +337,10 @@ def set_rng_state(state: dict) -> None:
 
 def check_resume(ckpt: dict, args, schedule: dict, path: str) -> None:
     """A run continues only with the settings it started with: one message listing what differs."""
-    saved = ckpt["args"]
+    saved = ckpt.get("args") or {}
+    if not saved or not ckpt.get("schedule"):
+        sys.exit(f"error: --resume {path} is not a checkpoint of a train.py run (a converted release "
+                 "checkpoint?): give it to --init-from instead")
     wrong = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})"
              for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
     wrong += [f"schedule {k} {ckpt['schedule'].get(k)} (now {v})" for k, v in schedule.items()
@@ -316,7 +354,7 @@ def save_checkpoint(path: str, model, optimizer, step: int, args, schedule: dict
     """Every process contributes its random states; rank 0 writes the file atomically."""
     states = [None] * world_size
     if world_size > 1:
-        dist.all_gather_object(states, rng_state())
+        dist.all_gather_object(states, rng_state())  # CPU tensors inside: pickled, whatever the backend
     else:
         states = [rng_state()]
     if master:
@@ -324,6 +362,171 @@ def save_checkpoint(path: str, model, optimizer, step: int, args, schedule: dict
             format=checkpoint.FORMAT, model=checkpoint.trainable_state_dict(model),
             optimizer=optimizer.state_dict(), step=step, rng=states, args=vars(args),
             schedule=schedule, **extra), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up: the cheap checks first (options, paths, checkpoints, the dataset's files), then the CLIP
+# ----------------------------------------------------------------------------------------------
+
+def class_texts(args, preset: dict) -> tuple[list[str], list[str], list[int], list[str]]:
+    """-> (templates, classes, unseen class indices, the classes trained on) of the preset."""
+    if args.num_prompts is not None and not 1 <= args.num_prompts <= len(preset["templates"]):
+        sys.exit(f"error: --num-prompts must be 1..{len(preset['templates'])} for {args.dataset}")
+    classes, unseen = list(preset["classes"]), list(preset["unseen"])
+    if args.setting == "inductive":  # text and labels for the seen classes only (docs/release.md, "Inductive")
+        train_classes = [c for k, c in enumerate(classes) if k not in unseen]
+    else:
+        train_classes = classes
+    return preset["templates"][:args.num_prompts], classes, unseen, train_classes
+
+
+def output_directory(args) -> str:
+    """--output-dir, or the --resume checkpoint's folder, or runs/DATASET-SETTING; not an existing file."""
+    output_dir = args.output_dir or (os.path.dirname(args.resume) if args.resume
+                                     else os.path.join("runs", f"{args.dataset}-{args.setting}"))
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        sys.exit(f"error: --output-dir {output_dir} is a file: give a directory (it is created if missing)")
+    return output_dir
+
+
+def read_start_checkpoints(args, schedule: dict) -> tuple[dict | None, dict | None]:
+    """-> (the --resume checkpoint, checked against this run's settings; the --init-from checkpoint)."""
+    resume = checkpoint.read_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        check_resume(resume, args, schedule, args.resume)
+    init = checkpoint.read_checkpoint(args.init_from) if args.init_from and resume is None else None
+    if init is not None and ("model" not in init or "clip" not in init):
+        sys.exit(f"error: --init-from {args.init_from} is not a checkpoint of this project "
+                 "(convert a release checkpoint with evaluate.py --convert first)")
+    if args.setting == "transductive" and args.init_from is None and resume is None:
+        print0("warning: the transductive setting starts from the inductive run's half-way checkpoint "
+               "(--init-from RUN/iter_HALF.pt); training from scratch instead")
+    return resume, init
+
+
+def build_datasets(args, preset: dict) -> tuple[data.SegmentationDataset, data.SegmentationDataset | None]:
+    """The training set, and the validation set with --eval-every; the layout checked, no image read."""
+    try:
+        train_set = data.SegmentationDataset(preset, args.data_root, "train", args.setting,
+                                             transform=data.train_transform(preset))
+        val_set = (data.SegmentationDataset(preset, args.data_root, "val", args.setting,
+                                            transform=data.test_transform(preset)) if args.eval_every else None)
+    except data.DatasetError as error:
+        sys.exit(f"error: --data-root: {error}")
+    return train_set, val_set
+
+
+def build_model(args, schedule: dict, crop: int, templates: list[str], device: torch.device,
+                resume: dict | None, init: dict | None) -> tuple[OTSeg, dict]:
+    """-> (OTSeg on `device` with the start checkpoint's weights loaded, the CLIP's description)."""
+    torch.manual_seed(args.seed)  # the same initial prompts and head on every process
+    clip_model = checkpoint.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)  # exits on bad files
+    description = checkpoint.describe_clip(clip_model, args.clip_weights)
+    model = OTSeg(clip_model, templates, matching=args.matching, implicit_grad=args.implicit_grad).to(device)
+    for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
+        if ckpt is not None:
+            checkpoint.check_same_clip(ckpt["clip"], description, what, strict=ckpt is resume)
+            checkpoint.load_trainable(model, ckpt["model"], what)
+    return model, description
+
+
+def build_optimizer(params: list[torch.Tensor], schedule: dict,
+                    resume: dict | None) -> tuple[torch.optim.AdamW, int, float]:
+    """-> (AdamW, the first step, the best score so far), from the --resume checkpoint if any."""
+    optimizer = torch.optim.AdamW(params, lr=schedule["lr"], betas=tuple(schedule["betas"]),
+                                  weight_decay=schedule["weight_decay"])
+    if resume is None:
+        return optimizer, 0, -math.inf
+    optimizer.load_state_dict(resume["optimizer"])
+    return optimizer, resume["step"], resume.get("best", -math.inf)
+
+
+def seed_processes(seed: int, rank: int, world_size: int, resume: dict | None) -> None:
+    """Dropout differs between processes (data randomness is per sample); a resume restores it."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    if resume is not None:
+        if len(resume["rng"]) == world_size:
+            set_rng_state(resume["rng"][rank])
+        else:
+            print0(f"note: resuming with {world_size} processes instead of {len(resume['rng'])}: "
+                   "the same data, other dropout masks")
+
+
+def make_loader(train_set, batch_size: int, micro_batch: int, rank: int, world_size: int, seed: int,
+                start_step: int, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """This process's micro-batches from `start_step` on, in the order of GlobalBatchSampler."""
+    sampler = GlobalBatchSampler(len(train_set), batch_size, micro_batch, rank, world_size, seed, start_step)
+    return torch.utils.data.DataLoader(
+        SeededSamples(train_set, seed), batch_size=micro_batch, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda",  # pinned: the copies to the GPU below are truly non-blocking
+        generator=torch.Generator().manual_seed(seed),  # its own: the workers' base seed leaves dropout's alone
+        persistent_workers=workers > 0)
+
+
+def dataset_error_message(error: data.DatasetError) -> str:
+    """The message of a DatasetError, also one raised in a data-loading worker (the DataLoader raises
+    it again in this process with the worker's traceback as its text; the last line is the original)."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    return text.splitlines()[-1].split("DatasetError: ", 1)[-1]
+
+
+class RunLog:
+    """Rank 0's account of a run: log.jsonl (one JSON object a line), and a progress bar on a terminal
+    or, in a batch job's log, a printed line every --log-every steps. Other ranks write nothing."""
+
+    def __init__(self, output_dir: str | None, iters: int, start_step: int):
+        self.output_dir = output_dir
+        self.file = open(os.path.join(output_dir, "log.jsonl"), "a") if output_dir else None
+        self.bar = tqdm(total=iters, initial=start_step, dynamic_ncols=True,
+                        disable=True if output_dir is None else None)  # None: off when not a terminal
+        self.iters, self.last_time, self.last_step = iters, time.time(), start_step
+
+    def start(self, args, schedule: dict, clip_description: dict, start_step: int, world_size: int,
+              micro_batch: int, accumulation: int, trainable: int, summary: str) -> None:
+        self.write(dict(event="start", step=start_step, world_size=world_size, micro_batch=micro_batch,
+                        accumulation=accumulation, args=vars(args), schedule=schedule, clip=clip_description,
+                        trainable_parameters=trainable))
+        print0(f"OTSeg on {args.dataset} ({args.setting}): {summary}")
+        print0("schedule: " + ", ".join(f"{k} {v}" for k, v in schedule.items()))
+        print0(f"trainable parameters: {trainable:,}; output: {self.output_dir}")
+        if accumulation > 1:
+            print0(f"note: gradient accumulation: {accumulation} micro-steps of {micro_batch} images on each "
+                   f"of {world_size} processes make the global batch of {schedule['batch_size']}")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def step(self, done: int, lr: float, values: dict[str, torch.Tensor] | None) -> None:
+        """Every step moves the bar; a step with `values` is logged (the step's one host sync)."""
+        self.bar.update(1)
+        if values is None or self.file is None:
+            return
+        record = dict(zip(values, torch.stack(list(values.values())).tolist()))
+        now = time.time()
+        speed = (done - self.last_step) / (now - self.last_time)
+        self.last_time, self.last_step = now, done
+        self.write(dict(step=done, lr=lr, **record, it_per_s=speed, eta_s=(self.iters - done) / speed))
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        if self.bar.disable:
+            print0(f"step {done}/{self.iters}: loss {record['loss']:.4f}, lr {lr:.2e}, {speed:.2f} it/s")
+
+    def evaluation(self, done: int, results: dict) -> None:
+        summary = {name: {k: r[k] for k in ("miou_seen", "miou_unseen", "hiou", "miou")}
+                   for name, r in results.items()}
+        self.write(dict(event="eval", step=done, **summary))
+        if self.file is not None:
+            self.bar.write(f"step {done}: " + json.dumps(summary))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,157 +538,85 @@ def main(args) -> None:
     master = rank == 0
     schedule = make_schedule(args)
     iters = schedule["iters"]
-    preset = data.get_preset(args.dataset, args.crop_size)
-    crop = preset["crop_size"]
-    window = data.window_of(preset)
-    if args.num_prompts is not None and not 1 <= args.num_prompts <= len(preset["templates"]):
-        sys.exit(f"error: --num-prompts must be 1..{len(preset['templates'])} for {args.dataset}")
-    templates = preset["templates"][:args.num_prompts]
-    classes, unseen = list(preset["classes"]), list(preset["unseen"])
-    if args.setting == "inductive":  # text and labels for the seen classes only (FACTS 6)
-        train_classes = [c for k, c in enumerate(classes) if k not in unseen]
-    else:
-        train_classes = classes
+    try:
+        preset = data.get_preset(args.dataset, args.crop_size)
+    except ValueError as error:  # a preset that cannot be right (e.g. a class named twice)
+        sys.exit(f"error: --dataset {args.dataset}: {error}")
+    templates, classes, unseen, train_classes = class_texts(args, preset)
     accumulation = accumulation_steps(schedule["batch_size"], schedule["micro_batch"], world_size)
     micro_batch = schedule["batch_size"] // (world_size * accumulation)
 
-    # Everything that can be wrong is checked before anything is written.
-    resume = checkpoint.read_checkpoint(args.resume) if args.resume else None
-    if resume is not None:
-        check_resume(resume, args, schedule, args.resume)
-    init = checkpoint.read_checkpoint(args.init_from) if args.init_from and resume is None else None
-    if args.setting == "transductive" and args.init_from is None and resume is None:
-        print0("warning: the transductive setting starts from the inductive run's half-way checkpoint "
-               "(--init-from RUN/iter_HALF.pt); training from scratch instead")
-    torch.manual_seed(args.seed)  # the same initial prompts and head on every process
-    clip_model = checkpoint.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
-    description = checkpoint.describe_clip(clip_model, args.clip_weights)
-    model = OTSeg(clip_model, templates, matching=args.matching, implicit_grad=args.implicit_grad).to(device)
+    # Everything that can be wrong is checked before anything is written; the CLIP's weights last.
+    output_dir = output_directory(args)
+    resume, init = read_start_checkpoints(args, schedule)
+    train_set, val_set = build_datasets(args, preset)
+    model, description = build_model(args, schedule, preset["crop_size"], templates, device, resume, init)
     params = [p for _, p in trainable_parameters(model)]
-    for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
-        if ckpt is not None:
-            checkpoint.check_same_clip(ckpt["clip"], description, what, strict=ckpt is resume)
-            checkpoint.load_trainable(model, ckpt["model"], what)
-    try:
-        train_set = data.SegmentationDataset(preset, args.data_root, "train", args.setting,
-                                             transform=data.train_transform(preset))
-        val_set = (data.SegmentationDataset(preset, args.data_root, "val", args.setting,
-                                            transform=data.test_transform(preset)) if args.eval_every else None)
-    except data.DatasetError as error:
-        sys.exit(f"error: {error}")
     if world_size > 1:
         for p in params:
             dist.broadcast(p.data, src=0)
-    optimizer = torch.optim.AdamW(params, lr=schedule["lr"], betas=tuple(schedule["betas"]),
-                                  weight_decay=schedule["weight_decay"])
-    start_step, best = 0, -math.inf  # best: hIoU of best.pt with --eval-every
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        start_step, best = resume["step"], resume.get("best", -math.inf)
-    random.seed(args.seed + rank)  # dropout differs between processes; data randomness is per sample
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    if resume is not None:
-        if len(resume["rng"]) == world_size:
-            set_rng_state(resume["rng"][rank])
-        else:
-            print0(f"note: resuming with {world_size} processes instead of {len(resume['rng'])}: "
-                   "the same data, other dropout masks")
+    optimizer, start_step, best = build_optimizer(params, schedule, resume)  # best: best.pt's hIoU
+    seed_processes(args.seed, rank, world_size, resume)
 
-    output_dir = args.output_dir or (os.path.dirname(args.resume) if args.resume
-                                     else os.path.join("runs", f"{args.dataset}-{args.setting}"))
+    window = data.window_of(preset)
     extra = dict(clip=description, templates=templates, matching=args.matching, dataset=args.dataset,
-                 setting=args.setting, classes=classes, unseen=unseen, crop_size=crop,
+                 setting=args.setting, classes=classes, unseen=unseen, crop_size=preset["crop_size"],
                  window={k: list(v) for k, v in window.items()})
-    log = None
+    created = master and not os.path.isdir(output_dir)
     if master:
-        os.makedirs(output_dir, exist_ok=True)
-        log = open(os.path.join(output_dir, "log.jsonl"), "a")
-        notes = []
-        if accumulation > 1:
-            notes.append(f"gradient accumulation: {accumulation} micro-steps of {micro_batch} images "
-                         f"on each of {world_size} processes make the global batch of {schedule['batch_size']}")
-        start = dict(event="start", step=start_step, world_size=world_size, micro_batch=micro_batch,
-                     accumulation=accumulation, args=vars(args), schedule=schedule, clip=description,
-                     trainable_parameters=sum(p.numel() for p in params), notes=notes)
-        log.write(json.dumps(start) + "\n")
-        log.flush()
-        print0(f"OTSeg on {args.dataset} ({args.setting}): {len(train_classes)} training classes, "
-               f"{len(templates)} prompts, {len(train_set)} training images, {world_size} process(es)")
-        print0("schedule: " + ", ".join(f"{k} {v}" for k, v in schedule.items()))
-        print0(f"trainable parameters: {start['trainable_parameters']:,}; output: {output_dir}")
-        for note in notes:
-            print0("note: " + note)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as error:
+            sys.exit(f"error: --output-dir {output_dir}: cannot create it ({error.strerror})")
+    log = RunLog(output_dir if master else None, iters, start_step)
+    log.start(args, schedule, description, start_step, world_size, micro_batch, accumulation,
+              sum(p.numel() for p in params), f"{len(train_classes)} training classes, {len(templates)} "
+              f"prompts, {len(train_set)} training images, {world_size} process(es)")
 
-    sampler = GlobalBatchSampler(len(train_set), schedule["batch_size"], micro_batch, rank, world_size,
-                                 args.seed, start_step)
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(train_set, args.seed), batch_size=micro_batch, sampler=sampler,
-        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=data.seed_worker,
-        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+    def save(name: str, step: int, **more) -> None:
+        save_checkpoint(os.path.join(output_dir, name), model, optimizer, step, args, schedule,
+                        dict(extra, best=best, **more), master, world_size)
+
+    loader = make_loader(train_set, schedule["batch_size"], micro_batch, rank, world_size, args.seed,
+                         start_step, args.workers, device)
     forward = torch.compile(model) if args.compile else model
-    amp = autocast(device, args.amp)
+    precision = autocast(device, args.amp)
     if args.amp and device.type != "cuda":
         print0("note: --amp is for CUDA; training in fp32")
-    unseen_lookup = None
-    if args.setting == "transductive":
-        unseen_lookup = torch.zeros(256, dtype=torch.bool, device=device)
-        unseen_lookup[unseen] = True
-    half = iters // 2
+    unseen_lookup = lookup_table(unseen, device) if args.setting == "transductive" else None
     stop = iters if args.stop_after is None else min(iters, start_step + args.stop_after)
 
     model.train()
     batches = iter(loader)
-    progress = tqdm(total=iters, initial=start_step, disable=not master, dynamic_ncols=True)
-    last_time, last_step = time.time(), start_step
-    for step in range(start_step, stop):
-        micro_batches = []
-        for _ in range(accumulation):
-            batch = next(batches)
-            micro_batches.append((batch["image"].to(device, non_blocking=True),
-                                  batch["label"].to(device, non_blocking=True)))
-        lr = learning_rate(step, schedule)
-        stats = train_step(forward, optimizer, micro_batches, train_classes, lr, params, world_size,
-                           amp, schedule, unseen_lookup)
-        done = step + 1
-        progress.update(1)
-        if done % args.log_every == 0 or done == stop:
-            values = stats.tolist()  # the one host synchronisation of a logged step
-            now = time.time()
-            speed = (done - last_step) / (now - last_time)
-            last_time, last_step = now, done
-            record = dict(step=done, lr=lr, loss=values[0], decoder_focal=values[1], decoder_dice=values[2],
-                          score_focal=values[3], score_dice=values[4], num_masks=values[5],
-                          it_per_s=speed, eta_s=(iters - done) / speed)
-            progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{lr:.2e}")
-            if master:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-        if args.eval_every and done % args.eval_every == 0:
-            results = evaluate.evaluate(model, val_set, classes, unseen, args.setting == "inductive",
-                                        window, device, args.amp, args.workers, progress=False)
-            model.train()
-            score = results["OTSeg+"]["hiou"] if unseen else results["OTSeg+"]["miou"]
-            if master:
-                summary = {name: {k: r[k] for k in ("miou_seen", "miou_unseen", "hiou", "miou")}
-                           for name, r in results.items()}
-                log.write(json.dumps(dict(event="eval", step=done, **summary)) + "\n")
-                log.flush()
-                progress.write(f"step {done}: " + json.dumps(summary))
-            if score > best:
-                best = score
-                save_checkpoint(os.path.join(output_dir, "best.pt"), model, optimizer, done, args,
-                                schedule, dict(extra, best=best, metrics=results), master, world_size)
-        if done == half:
-            save_checkpoint(os.path.join(output_dir, f"iter_{done}.pt"), model, optimizer, done, args,
-                            schedule, dict(extra, best=best), master, world_size)
-        if done % args.save_every == 0 or done == stop:
-            save_checkpoint(os.path.join(output_dir, "ckpt.pt"), model, optimizer, done, args, schedule,
-                            dict(extra, best=best), master, world_size)
-    progress.close()
-    if master:
-        print0(f"saved {os.path.join(output_dir, 'ckpt.pt')} at step {stop} of {iters}")
+    try:
+        for step in range(start_step, stop):
+            micro_batches = [(batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+                             for batch in (next(batches) for _ in range(accumulation))]
+            lr = learning_rate(step, schedule)
+            values = train_step(forward, optimizer, micro_batches, train_classes, lr, params, world_size,
+                                precision, schedule, unseen_lookup)
+            done = step + 1
+            log.step(done, lr, values if done % args.log_every == 0 or done == stop else None)
+            if args.eval_every and done % args.eval_every == 0:
+                results = evaluate.evaluate(model, val_set, classes, unseen, args.setting == "inductive",
+                                            window, device, args.amp, args.workers, progress=False)
+                model.train()
+                log.evaluation(done, results)
+                score = results["OTSeg+"]["hiou"] if unseen else results["OTSeg+"]["miou"]
+                if score > best:
+                    best = score
+                    save("best.pt", done, metrics=results)
+            if done == iters // 2:  # the transductive setting starts from here (docs/release.md, "Transductive")
+                save(f"iter_{done}.pt", done)
+            if done % args.save_every == 0 or done == stop:
+                save("ckpt.pt", done)
+    except data.DatasetError as error:  # a damaged file met by a worker: one line, no empty run left
         log.close()
+        if created and os.listdir(output_dir) == ["log.jsonl"]:
+            shutil.rmtree(output_dir)
+        sys.exit(f"error: {dataset_error_message(error)}")
+    log.close()
+    print0(f"saved {os.path.join(output_dir, 'ckpt.pt')} at step {stop} of {iters}")
     close_distributed()
 
 

@@ -21,6 +21,7 @@ import data
 import evaluate
 import losses
 import train
+from data_tools import make_fake_dataset
 from model import OTSeg, trainable_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def read_log(run_dir):
 
 @pytest.fixture(scope="module")
 def fake_voc(tmp_path_factory):
-    return data.make_fake_dataset("voc", str(tmp_path_factory.mktemp("data")), num_train=2, num_val=2)
+    return make_fake_dataset("voc", str(tmp_path_factory.mktemp("data")), num_train=2, num_val=2)
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +55,24 @@ def finished_run(fake_voc, tmp_path_factory):
 # Schedule and data order
 # ----------------------------------------------------------------------------------------------
 
-def test_learning_rate_is_mmcv_poly_with_linear_warmup():
-    schedule = dict(train.SCHEDULE, iters=20000)
-    base, floor = 2e-4, 1e-6
-    poly = lambda step: (base - floor) * (1 - step / 20000) ** 0.9 + floor  # noqa: E731
-    expected = {0: poly(0) * 1e-6,  # warmup starts at warmup_ratio of the poly value
-                750: poly(750) * (1 - 0.5 * (1 - 1e-6)),
-                1499: poly(1499) * (1 - (1 / 1500) * (1 - 1e-6)),
-                1500: poly(1500), 10000: poly(10000), 20000: floor}
-    for step, lr in expected.items():
-        assert train.learning_rate(step, schedule) == pytest.approx(lr, rel=1e-12), step
+def test_learning_rate_is_torch_polynomial_times_linear_warmup():
+    """mmcv's poly (with a floor) times its linear warmup factor, rebuilt from torch's own schedulers:
+    PolynomialLR decays lr - min_lr to 0, LinearLR ramps a factor from warmup_ratio to 1."""
+    schedule = dict(train.SCHEDULE, iters=2000, warmup_iters=150)
+    poly_optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule["lr"] - schedule["min_lr"])
+    poly = torch.optim.lr_scheduler.PolynomialLR(poly_optimizer, total_iters=2000, power=schedule["poly_power"])
+    warm_optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    warmup = torch.optim.lr_scheduler.LinearLR(warm_optimizer, start_factor=schedule["warmup_ratio"],
+                                               end_factor=1.0, total_iters=150)
+    worst = 0.0
+    for step in range(2101):
+        expected = (poly.get_last_lr()[0] + schedule["min_lr"]) * warmup.get_last_lr()[0]
+        worst = max(worst, abs(train.learning_rate(step, schedule) - expected) / expected)
+        poly_optimizer.step(), poly.step(), warm_optimizer.step(), warmup.step()
+    assert worst < 1e-6, f"largest relative difference {worst}"
+    # and the two ends by hand: lr * warmup_ratio at step 0, the floor from the last step on
+    assert train.learning_rate(0, schedule) == pytest.approx(2e-4 * 1e-6, rel=1e-9)
+    assert train.learning_rate(2000, schedule) == train.learning_rate(2100, schedule) == pytest.approx(1e-6)
 
 
 def test_schedule_presets_and_overrides():
@@ -126,12 +135,12 @@ def gradients_after_step(model, micro_batches, class_names):
     saved = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params)
     schedule = dict(train.SCHEDULE)
-    stats = train.train_step(model, optimizer, micro_batches, class_names, 1e-3, params, 1, nullcontext(), schedule)
+    values = train.train_step(model, optimizer, micro_batches, class_names, 1e-3, params, 1, nullcontext(), schedule)
     grads = [p.grad.clone() for p in params]
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-    return grads, stats
+    return grads, values
 
 
 def test_accumulation_changes_nothing_and_loss_is_normalised_over_the_global_batch(tiny_model):
@@ -141,7 +150,9 @@ def test_accumulation_changes_nothing_and_loss_is_normalised_over_the_global_bat
     scale = max(g.abs().max() for g in whole)
     diff = max((a - b).abs().max() for a, b in zip(whole, halves))
     assert diff <= 1e-5 * scale, f"largest gradient difference {diff} (scale {scale})"
-    assert torch.allclose(stats, stats_2, rtol=1e-5), (stats, stats_2)
+    assert set(stats) == set(train.STEP_VALUES)
+    for name in stats:
+        assert torch.allclose(stats[name], stats_2[name], rtol=1e-5), (name, stats[name], stats_2[name])
     # independent: autograd of the losses module's own normalisation by the global pair count
     params = [p for _, p in trainable_parameters(model)]
     num_masks = losses.count_masks(labels, len(names))
@@ -150,7 +161,21 @@ def test_accumulation_changes_nothing_and_loss_is_normalised_over_the_global_bat
     direct = [torch.zeros_like(p) if g is None else g for g, p in zip(direct, params)]
     diff = max((a - b).abs().max() for a, b in zip(whole, direct))
     assert diff <= 1e-5 * scale, f"largest difference to loss / num_masks: {diff}"
-    assert stats[5] == num_masks and stats[0] == pytest.approx(total.item(), rel=1e-5)
+    assert stats["num_masks"] == num_masks and stats["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_implicit_gradient_step_equals_the_unrolled_one(tiny_model):
+    """--implicit-grad: the same step's gradients through the converged plans as through the unrolled
+    Sinkhorn iterations (equal at convergence; here within 1e-3 of the largest gradient)."""
+    model, images, labels, names = tiny_model
+    implicit = OTSeg(model.clip, model.templates, implicit_grad=True).eval()  # the same CLIP and prompts
+    implicit.load_state_dict(model.state_dict())
+    unrolled_grads, unrolled = gradients_after_step(model, [(images, labels)], names)
+    implicit_grads, values = gradients_after_step(implicit, [(images, labels)], names)
+    assert values["loss"].item() == unrolled["loss"].item()  # the forward pass is the same
+    scale = max(g.abs().max() for g in unrolled_grads)
+    diff = max((a - b).abs().max() for a, b in zip(unrolled_grads, implicit_grads))
+    assert diff <= 1e-3 * scale, f"largest gradient difference {diff} (scale {scale})"
 
 
 @pytest.mark.cuda
@@ -162,9 +187,10 @@ def test_bf16_autocast_step_on_cuda_is_close_to_fp32(tiny_model):
     losses_by_precision = []
     for amp in (False, True):
         optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: both steps see the same weights
-        stats = train.train_step(model, optimizer, batch, names, 0.0, params, 1,
-                                 common.autocast(torch.device("cuda"), amp), dict(train.SCHEDULE))
-        losses_by_precision.append(stats[0].item())
+        values = train.train_step(model, optimizer, batch, names, 0.0, params, 1,
+                                  common.autocast(torch.device("cuda"), amp), dict(train.SCHEDULE))
+        assert values["loss"].dtype == torch.float32  # the losses stay in fp32 under autocast
+        losses_by_precision.append(values["loss"].item())
     assert all(math.isfinite(x) for x in losses_by_precision)
     assert losses_by_precision[1] == pytest.approx(losses_by_precision[0], rel=0.05), losses_by_precision
 
@@ -219,9 +245,126 @@ def test_two_process_torchrun_and_the_loss_falls(fake_voc, tmp_path):
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2 and os.path.isfile(out / "iter_3.pt")
 
 
+def scripted_evaluation(scores):
+    """A stand-in for evaluate.evaluate returning the next of `scores` as hIoU (other metrics 0)."""
+    def evaluate_stub(*args, **kwargs):
+        score = scores.pop(0)
+        metrics = dict(miou_seen=0.0, miou_unseen=0.0, hiou=score, miou=0.0)
+        return {"OTSeg": dict(metrics), "OTSeg+": dict(metrics)}
+    return evaluate_stub
+
+
+def test_best_checkpoint_is_kept_by_hiou_across_a_resume(fake_voc, tmp_path, monkeypatch):
+    """hIoU 0.2, 0.6 | resume | 0.5, 0.7, 0.1: best.pt is step 2 before the resume, step 4 after; the
+    resumed run keeps the 0.6 to beat (0.5 at step 3 does not replace it)."""
+    monkeypatch.setattr(evaluate, "evaluate", scripted_evaluation([0.2, 0.6, 0.5, 0.7, 0.1]))
+    out = tmp_path / "best"
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--output-dir", out, "--stop-after", 2)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert (best["step"], best["best"]) == (2, 0.6)
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--resume", out / "ckpt.pt",
+             "--stop-after", 1)
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 2  # 0.5 < 0.6
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--resume", out / "ckpt.pt")
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert (best["step"], best["best"], best["metrics"]["OTSeg+"]["hiou"]) == (4, 0.7, 0.7)
+    assert [r["OTSeg+"]["hiou"] for r in read_log(out) if r.get("event") == "eval"] == [0.2, 0.6, 0.5, 0.7, 0.1]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["best"] == 0.7
+
+
+def test_eval_every_scores_the_weights_it_saves(fake_voc, tmp_path):
+    """The evaluation logged at step 2 is the one evaluate.py computes from best.pt."""
+    out = tmp_path / "eval"
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 2, "--eval-every", 2, "--output-dir", out)
+    logged = [r for r in read_log(out) if r.get("event") == "eval"]
+    assert [r["step"] for r in logged] == [2]
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["step"] == 2 and best["metrics"]["OTSeg+"]["hiou"] == logged[0]["OTSeg+"]["hiou"]
+    preset = data.get_preset("voc", 64)
+    model = checkpoint.build_model_from_checkpoint(best, None, torch.device("cpu"))
+    val_set = data.SegmentationDataset(preset, fake_voc, "val", "inductive", transform=data.test_transform(preset))
+    again = evaluate.evaluate(model, val_set, best["classes"], best["unseen"], True, data.window_of(preset),
+                              torch.device("cpu"), workers=0, progress=False)
+    for name in ("OTSeg", "OTSeg+"):
+        for key in ("miou_seen", "miou_unseen", "hiou"):
+            assert again[name][key] == pytest.approx(logged[0][name][key], abs=1e-9, nan_ok=True), (name, key)
+
+
+def test_transductive_run_starts_from_the_half_way_checkpoint_and_uses_pseudo_labels(
+        fake_voc, finished_run, tmp_path, monkeypatch):
+    half = torch.load(os.path.join(finished_run, "iter_1.pt"), weights_only=True)  # 3 steps: half-way is 1
+    loaded, labelled = [], []
+    load_trainable, pseudo_label = checkpoint.load_trainable, train.pseudo_label
+
+    def load_spy(model, state_dict, what):
+        loaded.append((what, state_dict))
+        load_trainable(model, state_dict, what)
+
+    def label_spy(outputs, labels, unseen):
+        labelled.append((labels, pseudo_label(outputs, labels, unseen), unseen))
+        return labelled[-1][1]
+
+    monkeypatch.setattr(checkpoint, "load_trainable", load_spy)
+    monkeypatch.setattr(train, "pseudo_label", label_spy)
+    out = tmp_path / "transductive"
+    run_main(*TINY, "--data-root", fake_voc, "--setting", "transductive", "--iters", 2,
+             "--init-from", os.path.join(finished_run, "iter_1.pt"), "--output-dir", out)
+    assert [what for what, _ in loaded] == ["the --init-from checkpoint"]
+    assert all(torch.equal(loaded[0][1][k], v) for k, v in half["model"].items())
+    assert len(labelled) == 2  # every step, each micro-step
+    preset = data.get_preset("voc")
+    unseen_pixels = 0
+    for before, after, unseen in labelled:
+        was_unseen = unseen[before]
+        assert torch.equal(after[~was_unseen], before[~was_unseen])  # seen and ignored pixels kept
+        assert unseen[after[was_unseen]].all()  # unseen pixels get an unseen class
+        unseen_pixels += int(was_unseen.sum())
+    assert unseen_pixels > 0, "the fake data has no unseen pixel: the test checks nothing"
+    assert unseen.nonzero().flatten().tolist() == sorted(preset["unseen"])
+    final = torch.load(out / "ckpt.pt", weights_only=True)
+    assert final["setting"] == "transductive" and final["step"] == 2
+    assert all(s["step"] == 2 for s in final["optimizer"]["state"].values())  # a fresh optimizer
+    log = [r for r in read_log(out) if "loss" in r]
+    assert log[0]["lr"] == pytest.approx(2e-4 * 1e-6)  # and a fresh warmup
+
+
+def test_num_prompts_uses_the_first_templates(fake_voc, tmp_path):
+    out = tmp_path / "two"
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 1, "--num-prompts", 2, "--output-dir", out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["templates"] == list(data.get_preset("voc")["templates"][:2])
+    model = checkpoint.build_model_from_checkpoint(ckpt, None, torch.device("cpu"))
+    assert model.text_embeddings(["cat", "dog"]).shape[:2] == (2, 2)  # (K, N, C)
+    for wrong in (0, len(data.get_preset("voc")["templates"]) + 1):
+        expect_error("--num-prompts must be 1..", *TINY, "--data-root", fake_voc, "--num-prompts", wrong,
+                     "--output-dir", tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_implicit_grad_run_trains_like_the_unrolled_one(fake_voc, tmp_path):
+    """Same first loss (same forward), nearly the same second loss (gradients equal at convergence)."""
+    runs = {}
+    for flag in ([], ["--implicit-grad"]):
+        out = tmp_path / ("implicit" if flag else "unrolled")
+        run_main(*TINY, "--data-root", fake_voc, "--iters", 2, "--warmup-iters", 0, "--output-dir", out, *flag)
+        runs[bool(flag)] = [r["loss"] for r in read_log(out) if "loss" in r]
+        assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["implicit_grad"] == bool(flag)
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-3), runs
+
+
 # ----------------------------------------------------------------------------------------------
-# Bad input: one clear error, a non-zero exit code, nothing written
+# Bad input: one line `error: ...` naming the flag or file, a non-zero exit code, nothing written
 # ----------------------------------------------------------------------------------------------
+
+def expect_error(match, *argv):
+    with pytest.raises(SystemExit) as error:
+        run_main(*argv)
+    message = str(error.value.code)
+    assert error.value.code != 0 and message.startswith("error:") and "\n" not in message, message
+    assert match in message, message
+    return message
+
 
 def test_missing_clip_weights(fake_voc, tmp_path):
     out = tmp_path / "never"
@@ -229,20 +372,74 @@ def test_missing_clip_weights(fake_voc, tmp_path):
                "--clip-weights", str(tmp_path / "ViT-B-16.pt"), "--output-dir", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "CLIP weights not found" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    assert not out.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --clip-weights"), result.stderr
+    assert "ViT-B-16.pt" in lines[0] and not out.exists()
 
 
-def expect_error(match, *argv):
-    with pytest.raises(SystemExit) as error:
-        run_main(*argv)
-    assert error.value.code != 0 and str(error.value.code).startswith("error:")
-    assert match in str(error.value.code), error.value.code
+@pytest.mark.parametrize("kind", ["random bytes", "not a CLIP state dict"])
+def test_clip_weights_that_are_not_clip(kind, fake_voc, tmp_path):
+    path = tmp_path / "weights.pt"
+    if kind == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    else:
+        torch.save({"layer.weight": torch.zeros(3, 3)}, path)
+    expect_error(str(path), *TINY, "--data-root", fake_voc, "--clip-weights", path, "--output-dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
-def test_wrong_data_root(tmp_path):
+def test_wrong_data_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "build_clip", None)  # the data is checked before any CLIP is loaded
     expect_error("does not exist", *TINY, "--data-root", tmp_path / "nowhere", "--output-dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file(fake_voc, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    expect_error("--output-dir", *TINY, "--data-root", fake_voc, "--output-dir", tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_duplicated_class_names(fake_voc, tmp_path, monkeypatch):
+    voc = data.DATASETS["voc"]
+    monkeypatch.setitem(data.DATASETS, "voc", dict(voc, classes=list(voc["classes"][:-1]) + [voc["classes"][0]]))
+    expect_error(voc["classes"][0], *TINY, "--data-root", fake_voc, "--output-dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def damage(root: str, kind: str) -> None:
+    """Damage every training sample of a fake VOC: a label value out of range, a truncated JPEG, or a
+    label of another size than its image."""
+    from PIL import Image
+    for name in sorted(os.listdir(os.path.join(root, "JPEGImages"))):
+        if not name.startswith("train"):
+            continue
+        image = os.path.join(root, "JPEGImages", name)
+        labels = [os.path.join(root, folder, name.replace(".jpg", ".png"))
+                  for folder in ("SegmentationClass", "SegmentationClassAug")]
+        if kind == "truncated JPEG":
+            with open(image, "rb") as f:
+                head = f.read()[:400]
+            with open(image, "wb") as f:
+                f.write(head)
+        for label in labels:
+            if not os.path.exists(label):
+                continue
+            if kind == "label out of range":
+                Image.new("L", Image.open(label).size, 200).save(label)
+            elif kind == "label of another size":
+                Image.open(label).resize((50, 30), Image.NEAREST).save(label)
+
+
+@pytest.mark.parametrize("kind", ["label out of range", "truncated JPEG", "label of another size"])
+def test_damaged_data_met_by_a_worker(kind, tmp_path, monkeypatch):
+    """The DatasetError of a data-loading worker becomes one line; the failed start leaves no folder."""
+    root = make_fake_dataset("voc", str(tmp_path / "data"), num_train=2, num_val=1)
+    damage(root, kind)
+    out = tmp_path / "out"
+    message = expect_error("train_", *TINY, "--data-root", root, "--iters", 2, "--workers", 1, "--output-dir", out)
+    assert "Traceback" not in message and "worker" not in message, message
+    assert not out.exists()
 
 
 def test_checkpoint_with_other_prompt_tokens(fake_voc, finished_run, tmp_path):
@@ -251,7 +448,7 @@ def test_checkpoint_with_other_prompt_tokens(fake_voc, finished_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_checkpoint_from_another_backbone(fake_voc, finished_run, tmp_path):
+def test_init_from_another_backbone(fake_voc, finished_run, tmp_path):
     other = dict(clip.TINY, vision_width=128)
     torch.save(clip.CLIP(**other).state_dict(), tmp_path / "wide.pt")
     expect_error("vision_width 64 (this CLIP: 128)", *TINY, "--data-root", fake_voc,
@@ -260,10 +457,12 @@ def test_checkpoint_from_another_backbone(fake_voc, finished_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_with_other_settings(fake_voc, finished_run):
+def test_resume_with_other_settings(fake_voc, finished_run, tmp_path):
     before = sorted(os.listdir(finished_run)), os.path.getmtime(os.path.join(finished_run, "ckpt.pt"))
     expect_error("--seed 0 (now 1)", *TINY, "--data-root", fake_voc, "--iters", 3, "--seed", 1,
                  "--resume", os.path.join(finished_run, "ckpt.pt"))
     expect_error("schedule iters 3 (now 5)", *TINY, "--data-root", fake_voc, "--iters", 5,
                  "--resume", os.path.join(finished_run, "ckpt.pt"))
+    expect_error("--dataset voc (now context)", *TINY, "--dataset", "context", "--data-root", tmp_path,
+                 "--iters", 3, "--resume", os.path.join(finished_run, "ckpt.pt"))
     assert (sorted(os.listdir(finished_run)), os.path.getmtime(os.path.join(finished_run, "ckpt.pt"))) == before

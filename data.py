@@ -1,17 +1,19 @@
 """data.py -- the datasets of the OTSeg protocol: PASCAL VOC 2012, PASCAL Context-59 and COCO-Stuff 164K
-(the zero-shot benchmarks of the paper's Tables 1-2) and ADE20K-150 (a cross-dataset target), with their
-class lists, zero-shot splits, prompt templates, on-disk layouts and the training pipeline of the
-authors' release (MMSegmentation 0.24 on ZegCLIP's code; see ../shared/reference/FACTS.md 6-8 for the
-facts this file follows).
+(the zero-shot benchmarks of the paper's Table 1, Sec. 5.1) and ADE20K-150 (a cross-dataset target of
+Table 2, Sec. 5.4), with their class lists, zero-shot splits, prompt templates (Sec. 5.2) and the training
+pipeline of the authors' release, which runs on MMSegmentation 0.24: its dataset configs
+(`configs/_base_/datasets/*.py`) and the transforms of MMSegmentation's `mmseg/datasets/pipelines/transforms.py`.
+Where to download each dataset, the layouts on disk, the preparation commands and what each error means:
+docs/datasets.md. Preparation, fake datasets and statistics are tools, in data_tools.py.
 
 What an item is
 ---------------
-    dict(image=float (3, H, W) normalised with ImageNet statistics (not CLIP's, as the release),
+    dict(image=float (3, H, W) normalised with the preset's mean and std (ImageNet's; CLIP's for ADE20K),
          label=long (H, W) in {0..K'-1, 255}, name=str, orig_size=(H0, W0))
 
 Labels are class indices after MMSegmentation's label reduction: VOC's and Context's background and
 ADE's "other" (value 0 in the PNGs) become 255 = ignored and classes 1..K become 0..K-1 (COCO-Stuff's
-*_labelTrainIds.png are already 0..170). K' depends on the setting (paper Sec. 5.1, FACTS 6):
+*_labelTrainIds.png are already 0..170). K' depends on the setting (paper Sec. 2.1 and 5.1):
 
     setting        train split                                              val split
     inductive      K' = #seen: seen class -> its index among the seen,      K' = K (all classes)
@@ -21,75 +23,38 @@ ADE's "other" (value 0 in the PNGs) become 255 = ignored and classes 1..K become
                    with pseudo-labels)
     fully          K' = K (every class is seen)                            K' = K
 
-Layouts (the MMSegmentation preparation; pass the dataset folder as --data-root, or a folder above it)
+Training pipeline (MMSegmentation's order, the release's dataset configs) and who does each step
 -------------------------------------------------------------------------------------------------
-    voc      VOCdevkit/VOC2012/  JPEGImages/*.jpg, SegmentationClass/*.png (palette PNGs, 0 = background,
-             1..20, 255 = object boundaries), SegmentationClassAug/*.png (SBD, made by prepare_voc_aug),
-             ImageSets/Segmentation/{train,val,aug,trainaug}.txt
-             train = train.txt with SegmentationClass + trainaug.txt with SegmentationClassAug
-                     = 1,464 + 10,582 = 12,046 samples (the release; ZegCLIP used train + aug = 10,582)
-             val   = val.txt, 1,449 images
-    context  VOCdevkit/VOC2010/  JPEGImages/*.jpg, SegmentationClassContext/*.png (0 = background, 1..59),
-             ImageSets/SegmentationContext/{train,val}.txt: 4,996 / 5,104 images
-    coco     coco_stuff164k/     images/{train2017,val2017}/*.jpg,
-             annotations/{train2017,val2017}/*_labelTrainIds.png (0..170, 255): 118,287 / 5,000 images
-    ade      ADEChallengeData2016/ images/{training,validation}/*.jpg,
-             annotations/{training,validation}/*.png (0 = other, 1..150): 20,210 / 2,000 images
-
-Downloads and preparation (official sources)
---------------------------------------------
-    VOC 2012      host.robots.ox.ac.uk/pascal/VOC/voc2012/  (VOCtrainval_11-May-2012.tar)
-    SBD           www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/
-                  (benchmark.tgz -> benchmark_RELEASE/dataset/{cls/*.mat, train.txt, val.txt}), then
-                  `python data.py --prepare-voc-aug VOCdevkit/VOC2012 benchmark_RELEASE` (needs scipy)
-                  writes SegmentationClassAug/*.png, aug.txt (9,118) and trainaug.txt (10,582).
-    Context       host.robots.ox.ac.uk/pascal/VOC/voc2010/ (VOCtrainval_03-May-2010.tar) and the
-                  annotations of cs.stanford.edu/~roozbeh/pascal-context/ as `trainval_merged.json`;
-                  the standard conversion is MMSegmentation's tools/convert_datasets/pascal_context.py,
-                  which uses the Detail API (github.com/zhanghang1989/detail-api) to map the 459 labels
-                  to the 59 classes + background and writes SegmentationClassContext/*.png and
-                  ImageSets/SegmentationContext/{train,val}.txt. `python data.py --check-context DIR`
-                  checks its output (values in 0..59 or 255, every listed image labelled).
-    COCO-Stuff    cocodataset.org (train2017.zip, val2017.zip) and github.com/nightrome/cocostuff
-                  (stuffthingmaps_trainval2017.zip, unpacked into annotations/); then
-                  `python data.py --prepare-coco coco_stuff164k` writes *_labelTrainIds.png (the
-                  182 ids 0..181 minus the 11 unused ones -> 0..170, 255 stays 255).
-    ADE20K        sceneparsing.csail.mit.edu (ADEChallengeData2016.zip from data.csail.mit.edu/places/
-                  ADEchallenge/), used as is.
-No download? `python data.py --make-fake DIR --dataset voc` writes a tiny dataset in the real layout.
-
-Training pipeline (FACTS 7, MMSegmentation's order) and where each step comes from
--------------------------------------------------------------------------------------------------
-    random rescale  r ~ U(0.5, 2) of (2048, 512) (Context (520, 520)), keep aspect   size rule by hand,
-                                                                                      resize: torchvision
-    random crop     512 (Context 480), <= 75% of the crop one class, 10 tries         by hand
+    random rescale  r ~ U(0.5, 2) of (2048, 512) (Context (520, 520)), keep aspect   size rule: by hand
+                    image bilinear (torchvision), label nearest as OpenCV's          label: by hand
+    random crop     512 (Context 480), < 75% of the crop one class, 10 tries         by hand
     flip            horizontal, p = 0.5                                               torchvision
-    photometric     brightness, contrast, saturation, hue on 0-255 HSV                by hand
-    normalise       ImageNet mean/std on 0-255 values                                 torchvision
+    photometric     brightness, contrast, saturation, hue in OpenCV's 8-bit HSV       by hand
+    normalise       the preset's mean/std on 0-255 values                             torchvision
     pad             to the crop, image 0, label 255                                   torchvision
 Test time: resize so that the short side is 512 (Context 520), keep aspect; the label stays at the
-original size for scoring. evaluate.py then runs the sliding window of the preset.
+original size for scoring. evaluate.py then runs the sliding window of the preset (window_of).
+The pipeline agrees with MMSegmentation's exactly (same draws, same integers) except the image's bilinear
+resize: OpenCV's works in 11-bit fixed point, torchvision's in floats, so about one value in five differs
+by one grey level (never more).
 
 Reproducible loading
 --------------------
-Every random draw of the transforms uses torch's generator, which the DataLoader seeds in each worker
-from its own `generator`; seed one per process:
-
-    g = torch.Generator(); g.manual_seed(seed + rank)
-    loader = DataLoader(dataset, batch_size, sampler=DistributedSampler(dataset, seed=seed),
-                        num_workers=4, worker_init_fn=seed_worker, generator=g)
-
-With num_workers=0 the transforms draw from the global generator: call torch.manual_seed(seed + rank).
+Every random draw of the transforms comes from torch's global generator (none from numpy or `random`), so
+seeding torch before `dataset[i]` fixes the augmentation of that item. train.py seeds it for each sample
+from the run's seed and the sample's position in the data order (its SeededSamples): a sample is
+augmented the same whichever process or DataLoader worker loads it, and again after a resume. A plain
+DataLoader seeds each worker from its `generator` argument instead (base seed + worker id), which repeats
+only with the same number of workers.
 
 Run
 ---
-    python data.py --make-fake /tmp/fake --dataset voc
-    python data.py --dataset voc --data-root /tmp/fake/VOCdevkit/VOC2012 --out samples/
-        (statistics: images, pixel frequency per class, seen/unseen; a few augmented samples as PNGs)
+    python data_tools.py fake /tmp/fake --dataset voc              # no download: a tiny VOC
+    python data.py --dataset voc --data-root /tmp/fake             # one sample through the pipeline
 """
 import argparse
 import os
-import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +62,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2 import functional as TF
 
 # ----------------------------------------------------------------------------------------------
 # Prompt templates (paper Sec. 5.2: N = 6 for VOC, N = 8 for Context and COCO-Stuff).
@@ -208,8 +173,12 @@ ADE_UNSEEN = []  # a cross-dataset target only: every class is scored
 # ----------------------------------------------------------------------------------------------
 
 IGNORE_INDEX = 255                           # label of ignored pixels (background, padding, unseen)
-IMAGENET_MEAN = (123.675, 116.28, 103.53)    # on 0-255 RGB values, as the release (not CLIP's)
+# Normalisation on 0-255 RGB values. The release normalises VOC, Context and COCO-Stuff with ImageNet's
+# statistics and ADE20K with CLIP's (0..1 values times 255, as its config writes them).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+CLIP_MEAN = tuple(v * 255 for v in (0.48145466, 0.4578275, 0.40821073))
+CLIP_STD = tuple(v * 255 for v in (0.26862954, 0.26130258, 0.27577711))
 
 # A split is a list of parts; each part names an image folder, a label folder and either a split file
 # (`list`: one image name per line) or nothing, in which case the image folder is listed. Paths are
@@ -222,7 +191,8 @@ DATASETS = {
         templates=TEMPLATES['N6'],           # N = 6 prompts (paper Sec. 5.2)
         folder='VOCdevkit/VOC2012',          # conventional folder name under a data root
         splits={
-            # The release trains on train.txt + trainaug.txt, each with its own labels (FACTS 8).
+            # The release trains on train.txt + trainaug.txt, each with its own labels (its
+            # configs/_base_/datasets/voc12_20_aug_512x512.py); ZegCLIP used train + aug = 10,582.
             'train': [dict(images='JPEGImages', labels='SegmentationClass',
                            list='ImageSets/Segmentation/train.txt'),
                       dict(images='JPEGImages', labels='SegmentationClassAug',
@@ -233,6 +203,7 @@ DATASETS = {
         sizes={'train': 12046, 'val': 1449},  # 1,464 + 10,582 training samples
         image_suffix='.jpg', label_suffix='.png',
         reduce_zero_label=True,              # PNG 0 = background -> 255, 1..20 -> 0..19
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # the release's configs/_base_/datasets/voc12_20_512x512.py
         crop_size=512,                       # training crop
         train_scale=(2048, 512),             # random rescale of this scale ...
         ratio_range=(0.5, 2.0),              # ... by r ~ U(0.5, 2)
@@ -240,7 +211,7 @@ DATASETS = {
         test_short_side=512,                 # test resize: short side 512, keep aspect
         test_max_long_side=None,             # (the release's min_size=512 lifts the 2048 cap)
         window_crop=512, window_stride=426,  # sliding-window inference
-        help='see the data.py docstring: VOC 2012 + SBD, then python data.py --prepare-voc-aug',
+        help='see docs/datasets.md: VOC 2012 + SBD, then python data_tools.py prepare-voc-aug',
     ),
     'context': dict(
         name='PASCAL Context-59',
@@ -257,6 +228,7 @@ DATASETS = {
         sizes={'train': 4996, 'val': 5104},
         image_suffix='.jpg', label_suffix='.png',
         reduce_zero_label=True,              # 0 = background -> 255, 1..59 -> 0..58
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # the release's configs/_base_/datasets/context59.py
         crop_size=480,                       # Context trains on 480 crops
         train_scale=(520, 520),
         ratio_range=(0.5, 2.0),
@@ -264,7 +236,7 @@ DATASETS = {
         test_short_side=520,
         test_max_long_side=None,
         window_crop=480, window_stride=80,
-        help='see the data.py docstring: VOC 2010 + the Detail API conversion (SegmentationClassContext)',
+        help='see docs/datasets.md: VOC 2010 + the Detail API conversion (SegmentationClassContext)',
     ),
     'coco': dict(
         name='COCO-Stuff 164K',
@@ -279,6 +251,7 @@ DATASETS = {
         sizes={'train': 118287, 'val': 5000},
         image_suffix='.jpg', label_suffix='_labelTrainIds.png',
         reduce_zero_label=False,             # labelTrainIds already hold 0..170 and 255
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # the release's configs/_base_/datasets/cocostuff_512x512.py
         crop_size=512,
         train_scale=(2048, 512),
         ratio_range=(0.5, 2.0),
@@ -286,7 +259,7 @@ DATASETS = {
         test_short_side=512,
         test_max_long_side=None,
         window_crop=512, window_stride=426,
-        help='see the data.py docstring: COCO 2017 images + stuffthingmaps, then python data.py --prepare-coco',
+        help='see docs/datasets.md: COCO 2017 images + stuffthingmaps, then python data_tools.py prepare-coco',
     ),
     'ade': dict(
         name='ADE20K-150',
@@ -301,6 +274,7 @@ DATASETS = {
         sizes={'train': 20210, 'val': 2000},
         image_suffix='.jpg', label_suffix='.png',
         reduce_zero_label=True,              # 0 = other -> 255, 1..150 -> 0..149
+        mean=CLIP_MEAN, std=CLIP_STD,        # CLIP's: the release's configs/_base_/datasets/ade.py
         crop_size=512,
         train_scale=(2048, 512),
         ratio_range=(0.5, 2.0),
@@ -308,7 +282,7 @@ DATASETS = {
         test_short_side=512,
         test_max_long_side=2048,             # the release's ADE test resize has no min_size: fit (2048, 512)
         window_crop=512, window_stride=426,
-        help='see the data.py docstring: ADEChallengeData2016.zip, used as is',
+        help='see docs/datasets.md: ADEChallengeData2016.zip, used as is',
     ),
     # The synthetic world of shapes.py (the README's demo), in the simplest layout: folders, no split files.
     'shapes': dict(
@@ -339,16 +313,45 @@ PRESET_DEFAULTS = dict(
     name='custom dataset', unseen=[], templates=TEMPLATES['N8'], folder=None, sizes={},
     image_suffix='.jpg', label_suffix='.png', reduce_zero_label=False, crop_size=512,
     train_scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, test_short_side=512,
-    test_max_long_side=None, window_crop=512, window_stride=426, help='check the layout in the preset',
+    test_max_long_side=None, window_crop=512, window_stride=426, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    help='check the layout in the preset',
 )
 
 
 class DatasetError(ValueError):
-    """A problem with the files on disk; the message names the file and what to do."""
+    """A problem with the files on disk; the message names the file and what to do.
+
+    An exception in a DataLoader worker reaches the main process as a new one built from a single string,
+    the worker's whole traceback ("Caught DatasetError in DataLoader worker process 0. Original Traceback
+    ... DatasetError: MESSAGE"). The constructor keeps only MESSAGE, so a program prints the same one line
+    whether the error happened in a worker or not.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith('Caught DatasetError') and 'DatasetError: ' in message:
+            message = message.rsplit('DatasetError: ', 1)[1].strip()
+        super().__init__(message)
+
+
+def check_classes(preset: dict) -> None:
+    """Raise ValueError when a preset's class list or unseen split cannot be right."""
+    classes, unseen = preset['classes'], preset['unseen']
+    if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise ValueError(f"{preset['name']}: the class list must be non-empty names, not {classes!r}")
+    names = [c.strip() for c in classes]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{preset['name']}: class names must differ (the text embeddings tell the classes "
+                         f"apart by name), but {repeated} appear more than once")
+    if len(set(unseen)) != len(unseen) or not all(isinstance(k, int) and 0 <= k < len(classes) for k in unseen):
+        raise ValueError(f"{preset['name']}: unseen must list distinct class indices in 0..{len(classes) - 1}, "
+                         f"not {list(unseen)}")
+    if len(unseen) == len(classes):
+        raise ValueError(f"{preset['name']}: every class is unseen; at least one class must be seen")
 
 
 def get_preset(dataset: str | dict, crop_size: int | None = None) -> dict:
-    """A preset by name ('voc', 'context', 'coco', 'ade') or a dict (missing keys from PRESET_DEFAULTS).
+    """A preset by name ('voc', 'context', 'coco', 'ade') or a dict; missing keys from PRESET_DEFAULTS.
 
     crop_size, for small runs (tests, CPU trials): crop, rescale, test resize and windows of the preset
     shrink together, so that a 64-pixel trial keeps the proportions of the 512-pixel protocol.
@@ -356,12 +359,13 @@ def get_preset(dataset: str | dict, crop_size: int | None = None) -> dict:
     if isinstance(dataset, str):
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: choose one of {sorted(DATASETS)} or pass a preset dict")
-        preset = dict(DATASETS[dataset])
+        preset = {**PRESET_DEFAULTS, **DATASETS[dataset]}
     else:
         missing = {'classes', 'splits'} - set(dataset)
         if missing:
             raise ValueError(f"a dataset preset needs {sorted(missing)} (see DATASETS in data.py for the keys)")
         preset = {**PRESET_DEFAULTS, **dataset}
+    check_classes(preset)
     if crop_size is not None:
         scale = crop_size / preset['crop_size']
         preset.update(
@@ -415,16 +419,20 @@ def label_remap_table(num_classes: int, unseen: list[int], setting: str) -> torc
     return table
 
 
-# COCO-Stuff: the stuffthingmaps hold COCO category id - 1 (0..181) and 255; 11 thing ids are never used.
-COCO_STUFF_UNUSED_IDS = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
-
-
-def coco_stuff_train_id_table() -> np.ndarray:
-    """stuffthingmaps value -> labelTrainIds value: 0..181 without the unused ids -> 0..170; else 255."""
-    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    used = [i for i in range(182) if i not in COCO_STUFF_UNUSED_IDS]
-    table[used] = np.arange(len(used))       # 171 train ids
-    return table
+def color_palette() -> list[int]:
+    """VOC's colour map, the palette of its SegmentationClass PNGs (256 RGB triples, flattened; index 255 is
+    the boundary colour (224, 224, 192)). Pictures of labels use it (visualize.py, data_tools.py)."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(8):               # spread the bits of the index over the three channels
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +441,12 @@ def coco_stuff_train_id_table() -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 def read_image(path: str) -> torch.Tensor:
-    """uint8 (3, H, W) RGB."""
+    """uint8 (3, H, W) RGB, the pixels as stored.
+
+    The EXIF orientation tag is ignored on purpose. MMSegmentation's loader (OpenCV's imdecode) turns a
+    tagged JPEG upright but reads its label PNG as stored, so there a tagged image and its label no longer
+    line up; read as stored, both stay aligned.
+    """
     try:
         with Image.open(path) as img:
             array = np.asarray(img.convert('RGB'))   # convert() forces the full decode
@@ -471,7 +484,7 @@ def resolve_root(preset: dict, root: str) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data root {root} does not exist ({preset['name']}: {preset['help']}; or write a "
-                           f"tiny fake one with `python data.py --make-fake DIR --dataset NAME`)")
+                           f"tiny fake one with `python data_tools.py fake DIR --dataset NAME`)")
     if preset['folder'] and (root / preset['folder']).is_dir():
         return root / preset['folder']
     return root
@@ -514,11 +527,11 @@ def list_samples(preset: dict, root: Path, split: str) -> list[tuple[str, str, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Training transforms (FACTS 7), in MMSegmentation's order. Each takes and returns (image, label) with
-# image a tv_tensors.Image (uint8 until normalised) and label a tv_tensors.Mask (uint8), so they chain
-# in a v2.Compose. torchvision does the flip, the resizing (a Mask is resized with nearest), the
-# normalisation and the padding; written here are only the pieces torchvision has no equivalent for.
-# Every random draw uses torch's generator (reproducible per DataLoader worker).
+# Training transforms, in MMSegmentation's order (mmseg/datasets/pipelines/transforms.py, with the
+# settings of the release's dataset configs). Each takes and returns (image, label) with image a
+# tv_tensors.Image (uint8 until normalised) and label a tv_tensors.Mask (uint8), so they chain in a
+# v2.Compose. torchvision does the flip, the image resizing, the normalisation and the padding; written
+# here are only the pieces torchvision has no equal for. Every random draw uses torch's global generator.
 # ----------------------------------------------------------------------------------------------
 
 def rescale_size(height: int, width: int, short_side: float, long_side: float | None = None) -> tuple[int, int]:
@@ -532,10 +545,29 @@ def rescale_size(height: int, width: int, short_side: float, long_side: float | 
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
+def nearest_index(in_size: int, out_size: int) -> torch.Tensor:
+    """Source index of each output pixel of a nearest-neighbour resize, as OpenCV's INTER_NEAREST (which
+    MMSegmentation resizes labels with): floor(i / scale) with scale = out / in, in float64. Long (out,).
+
+    torch's nearest mode computes the index in float32, which for some sizes picks the neighbouring row or
+    column: a row of 2 pixels stretched to 82 takes output pixel 41 from source 41 * 2/82 = 1 in float64,
+    from source 0 in float32.
+    """
+    scale = out_size / in_size                                    # a Python float: float64, as OpenCV's double
+    index = torch.floor(torch.arange(out_size, dtype=torch.float64) * (1.0 / scale)).long()
+    return index.clamp(max=in_size - 1)
+
+
+def resize_nearest(label: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """(..., H, W) -> (..., h, w) with the source rows and columns of nearest_index."""
+    rows, cols = nearest_index(label.shape[-2], size[0]), nearest_index(label.shape[-1], size[1])
+    return label.index_select(-2, rows).index_select(-1, cols)
+
+
 class RandomRescale:
     """MMSeg's Resize(img_scale=scale, ratio_range, keep_ratio=True): scale * r, r ~ U(ratio_range), then the
     keep-ratio rule of rescale_size. By hand: torchvision's RandomResize / ScaleJitter draw and round the
-    size differently. The resizing itself is torchvision's (bilinear image, nearest Mask)."""
+    size differently. The image is resized by torchvision (bilinear), the label by resize_nearest."""
 
     def __init__(self, scale: tuple[int, int] = (2048, 512), ratio_range: tuple[float, float] = (0.5, 2.0)):
         self.scale, self.ratio_range = scale, ratio_range
@@ -545,10 +577,11 @@ class RandomRescale:
         ratio = low + float(torch.rand((), dtype=torch.float64)) * (high - low)
         target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
         size = list(rescale_size(*image.shape[-2:], short_side=min(target), long_side=max(target)))
-        # antialias=False: the release resizes with OpenCV's bilinear, which does not antialias.
-        image = F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-        label = F.resize(label, size)   # a Mask is always resized with nearest
-        return image, label
+        # antialias=False: the release resizes with OpenCV's bilinear, which does not antialias. OpenCV
+        # interpolates uint8 in 11-bit fixed point, torchvision in floats: about one value in five differs
+        # by one grey level, never more (a fixed-point copy would depend on OpenCV's SIMD path).
+        image = TF.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+        return image, tv_tensors.Mask(resize_nearest(label.as_subclass(torch.Tensor), size))
 
 
 def crop_passes_class_limit(window: torch.Tensor, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
@@ -581,7 +614,7 @@ class RandomCropWithClassLimit:
                 if crop_passes_class_limit(label[top:top + crop_h, left:left + crop_w], self.cat_max_ratio):
                     break
                 top, left = self._draw(height, width)
-        return F.crop(image, top, left, crop_h, crop_w), F.crop(label, top, left, crop_h, crop_w)
+        return TF.crop(image, top, left, crop_h, crop_w), TF.crop(label, top, left, crop_h, crop_w)
 
 
 # OpenCV's 8-bit HSV (H in 0..179, S and V in 0..255), which MMSeg's PhotoMetricDistortion works in.
@@ -590,7 +623,7 @@ _HSV_SHIFT = 12
 
 def rgb_to_hsv_uint8(image: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) RGB -> uint8 (3, H, W) HSV as cv2.cvtColor(COLOR_RGB2HSV): OpenCV's fixed-point
-    arithmetic with its rounded division tables (matches OpenCV 4.10 on all 256**3 colours)."""
+    arithmetic with its rounded division tables (matches OpenCV 4.10 and 5.0 on all 256**3 colours)."""
     r, g, b = image.int().unbind(0)
     v = torch.maximum(torch.maximum(r, g), b)
     diff = v - torch.minimum(torch.minimum(r, g), b)
@@ -609,9 +642,10 @@ def rgb_to_hsv_uint8(image: torch.Tensor) -> torch.Tensor:
 def hsv_to_rgb_uint8(hsv: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) HSV (H in 0..179) -> uint8 RGB as cv2.cvtColor(COLOR_HSV2RGB) in float32.
 
-    Follows OpenCV's vectorised path (x86, AVX2), which converts all but a few trailing pixels of an
-    image: it truncates value * 255 (its scalar tail rounds) and fuses 1 - s * f into one multiply-add,
-    reproduced by forming the product in float64. Matches OpenCV 4.10 on all 180 * 256 * 256 inputs.
+    OpenCV converts each row in blocks of 32 pixels with vector code (x86 with AVX2) and the last
+    width % 32 pixels of every row with scalar code. Both fuse 1 - s * f into one multiply-add (reproduced
+    by forming the product in float64); the vector code truncates value * 255 to uint8, the scalar code
+    rounds it. Matches OpenCV 4.10 and 5.0 on all 180 * 256 * 256 inputs, at any width.
     """
     h, s, v = hsv.float().unbind(0)
     s, v = s * (1.0 / 255), v * (1.0 / 255)
@@ -626,8 +660,11 @@ def hsv_to_rgb_uint8(hsv: torch.Tensor) -> torch.Tensor:
     # For each of the 6 sectors of the hue circle, which entry of tab is r, g and b.
     order = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
     index = order.t()[:, torch.fmod(sector, 6).long()]                 # (3, H, W): which tab entry is r, g, b
-    rgb = torch.gather(tab, 0, index)                                  # (3, H, W)
-    return (rgb * 255).clamp(0, 255).to(torch.uint8)                   # float -> uint8 truncates
+    rgb = torch.gather(tab, 0, index) * 255                            # (3, H, W)
+    width = rgb.shape[-1]
+    tail = rgb[..., width - width % 32:]                               # (3, H, width % 32): the scalar pixels
+    tail.copy_(tail.round())                                           # round half to even, as cvRound
+    return rgb.clamp(0, 255).to(torch.uint8)                           # float -> uint8 truncates
 
 
 class PhotoMetricDistortion:
@@ -704,32 +741,36 @@ class ResizeShortSide:
 
     def __call__(self, image, label):
         size = list(rescale_size(*image.shape[-2:], short_side=self.short_side, long_side=self.max_long_side))
-        return F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False), label
+        return TF.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False), label
 
 
-def normalize_transform() -> v2.Compose:
-    """uint8 Image -> float, ImageNet mean/std on 0-255 values (the Mask is left alone by both)."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=False), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def normalize_transform(mean: tuple[float, float, float] = IMAGENET_MEAN,
+                        std: tuple[float, float, float] = IMAGENET_STD) -> v2.Compose:
+    """uint8 Image -> float, (x - mean) / std on 0-255 values (the Mask is left alone by both)."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=False), v2.Normalize(mean, std)])
 
 
 def train_transform(preset: str | dict) -> v2.Compose:
-    """The release's training pipeline for a dataset preset (FACTS 7). Call as transform(image, label)."""
+    """The release's training pipeline for a dataset preset (its dataset configs' train_pipeline).
+    Call as transform(image, label)."""
     preset = get_preset(preset)
     return v2.Compose([
         RandomRescale(preset['train_scale'], preset['ratio_range']),
         RandomCropWithClassLimit(preset['crop_size'], preset['cat_max_ratio']),
         v2.RandomHorizontalFlip(p=0.5),
         PhotoMetricDistortion(),
-        normalize_transform(),
+        normalize_transform(preset['mean'], preset['std']),
         PadToSize(preset['crop_size']),
     ])
 
 
 def test_transform(preset: str | dict) -> v2.Compose:
-    """Test-time: resize the image (short side of the preset), normalise; the label is untouched."""
+    """Test-time: resize the image (short side of the preset), normalise with the preset's mean and std;
+    the label is untouched. A cross-dataset run normalises as its target dataset (as the release's
+    configs/cross_dataset/*.py, which take the target's dataset config)."""
     preset = get_preset(preset)
     return v2.Compose([ResizeShortSide(preset['test_short_side'], preset['test_max_long_side']),
-                       normalize_transform()])
+                       normalize_transform(preset['mean'], preset['std'])])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +794,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.split, self.setting = split, setting
         self.root = resolve_root(self.preset, root)
         self.samples = list_samples(self.preset, self.root, split)
-        self.transform = transform if transform is not None else normalize_transform()
+        self.transform = transform if transform is not None else normalize_transform(self.preset['mean'],
+                                                                                     self.preset['std'])
 
         num_classes = len(self.preset['classes'])
         self.unseen_classes = list(self.preset['unseen'])
@@ -801,242 +843,50 @@ class SegmentationDataset(torch.utils.data.Dataset):
                     name=self.samples[index][2], orig_size=orig_size)
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed numpy and `random` from the seed torch gave this worker (torch's own
-    generator, which every transform here uses, is already seeded by the DataLoader's `generator`)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------
-# Preparation helpers (the simple conversions; see the docstring for the downloads)
+# Demonstration: one sample through the training pipeline, step by step
 # ----------------------------------------------------------------------------------------------
 
-def prepare_coco_stuff(root: str) -> int:
-    """Write *_labelTrainIds.png beside every stuffthingmap PNG in root/annotations/{train2017,val2017}
-    (root = coco_stuff164k). Returns the number of files written."""
-    table = coco_stuff_train_id_table()
-    written = 0
-    for split in ('train2017', 'val2017'):
-        folder = Path(root) / 'annotations' / split
-        if not folder.is_dir():
-            raise DatasetError(f"{folder} not found: unpack stuffthingmaps_trainval2017.zip into "
-                               f"{Path(root) / 'annotations'}")
-        for path in sorted(folder.glob('*.png')):
-            if path.name.endswith('_labelTrainIds.png'):
-                continue
-            raw = np.asarray(Image.open(path))
-            Image.fromarray(table[raw]).save(path.with_name(path.stem + '_labelTrainIds.png'))
-            written += 1
-    return written
-
-
-def prepare_voc_aug(voc_root: str, sbd_root: str) -> tuple[int, int]:
-    """SBD -> VOC2012/SegmentationClassAug/*.png and ImageSets/Segmentation/{aug,trainaug}.txt, as
-    MMSegmentation's voc_aug.py (lists sorted here). sbd_root = benchmark_RELEASE. A VOC train image that
-    SBD does not annotate gets its SegmentationClass label copied, so every trainaug name has a label.
-    Returns (len(aug), len(trainaug)): (9118, 10582) for the real data."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise ImportError("reading SBD's .mat files needs scipy: pip install scipy") from None
-    voc, sbd = Path(voc_root), Path(sbd_root) / 'dataset'
-    lists = voc / 'ImageSets' / 'Segmentation'
-    for needed in (sbd / 'cls', sbd / 'train.txt', sbd / 'val.txt', lists / 'train.txt', lists / 'val.txt'):
-        if not needed.exists():
-            raise DatasetError(f"{needed} not found: voc_root is VOCdevkit/VOC2012 and sbd_root benchmark_RELEASE")
-    out = voc / 'SegmentationClassAug'
-    out.mkdir(exist_ok=True)
-    for mat in sorted((sbd / 'cls').glob('*.mat')):
-        mask = loadmat(str(mat))['GTcls'][0]['Segmentation'][0].astype(np.uint8)
-        Image.fromarray(mask).save(out / (mat.stem + '.png'))
-
-    def read(path):
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-    sbd_names = set(read(sbd / 'train.txt') + read(sbd / 'val.txt'))
-    train, val = set(read(lists / 'train.txt')), set(read(lists / 'val.txt'))
-    for name in sorted(train - sbd_names):
-        label = np.asarray(Image.open(voc / 'SegmentationClass' / (name + '.png')))   # palette indices
-        Image.fromarray(label).save(out / (name + '.png'))
-    aug, trainaug = sorted(sbd_names - train - val), sorted((train | sbd_names) - val)
-    (lists / 'aug.txt').write_text(''.join(n + '\n' for n in aug))
-    (lists / 'trainaug.txt').write_text(''.join(n + '\n' for n in trainaug))
-    return len(aug), len(trainaug)
-
-
-def check_context(root: str) -> dict:
-    """Check the output of the standard PASCAL Context conversion (root = VOCdevkit/VOC2010): every listed
-    image has a label PNG with values in 0..59 or 255. Returns {split: number of images}; raises DatasetError."""
-    counts = {}
-    for split in ('train', 'val'):
-        dataset = SegmentationDataset('context', root, split, 'fully')
-        for index in range(len(dataset)):
-            dataset.load_label(index)         # raises on a missing, unreadable or out-of-range label
-        counts[split] = len(dataset)
-    return counts
-
-
-# ----------------------------------------------------------------------------------------------
-# Small fake datasets in the real layouts (for the tests and for trying the code without downloads)
-# ----------------------------------------------------------------------------------------------
-
-def color_palette() -> list[int]:
-    """VOC's colour map (256 RGB triples, flattened): index 255 is VOC's boundary colour (224, 224, 192)."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):               # spread the bits of the index over the three channels
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def _fake_sample(rng: np.random.Generator, preset: dict, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A label of a few rectangles with 1-pixel 255 borders, and an image whose colour follows the label."""
-    height, width = size
-    num_classes = len(preset['classes'])
-    first = 1 if preset['reduce_zero_label'] else 0            # PNG values of the classes: 1..K or 0..K-1
-    label = np.full(size, 0 if preset['reduce_zero_label'] else rng.integers(num_classes), dtype=np.uint8)
-    for _ in range(rng.integers(2, 5)):
-        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        bottom, right = top + rng.integers(height // 4, height // 2), left + rng.integers(width // 4, width // 2)
-        label[top:bottom, left:right] = IGNORE_INDEX
-        label[top + 1:bottom - 1, left + 1:right - 1] = first + rng.integers(num_classes)
-    colours = np.array(color_palette(), dtype=np.int16).reshape(256, 3)
-    image = colours[label] + rng.integers(-20, 21, (height, width, 3))
-    return np.clip(image, 0, 255).astype(np.uint8), label
-
-
-def make_fake_dataset(dataset: str | dict, root: str, num_train: int = 4, num_val: int = 2,
-                      size: tuple[int, int] = (96, 128), seed: int = 0) -> str:
-    """Write a tiny dataset in the real layout of a preset (JPEG images, PNG labels, split files) under
-    root/<preset folder>, and return that folder (the data root to pass). A later part of a split lists the
-    earlier parts' images again plus new ones, as VOC's trainaug.txt contains train.txt. VOC's own
-    SegmentationClass labels are palette PNGs like the real ones; the converted labels are grayscale."""
-    preset = get_preset(dataset)
-    base = Path(root) / preset['folder'] if preset['folder'] else Path(root)
-    rng = np.random.default_rng(seed)
-    scenes = {}                                   # name -> label, so a name shared by two parts is one image
-    for split, count in (('train', num_train), ('val', num_val)):
-        previous = []
-        for part in preset['splits'][split]:
-            names = previous + [f'{split}_{len(scenes) + i:06d}' for i in range(count)]
-            (base / part['images']).mkdir(parents=True, exist_ok=True)
-            (base / part['labels']).mkdir(parents=True, exist_ok=True)
-            for name in names:
-                if name not in scenes:
-                    image, scenes[name] = _fake_sample(rng, preset, size)
-                    Image.fromarray(image).save(base / part['images'] / (name + preset['image_suffix']), quality=90)
-                label = Image.fromarray(scenes[name])
-                if part['labels'].endswith('SegmentationClass'):
-                    label = label.convert('P')
-                    label.putpalette(color_palette())
-                label.save(base / part['labels'] / (name + preset['label_suffix']))
-            if 'list' in part:
-                (base / part['list']).parent.mkdir(parents=True, exist_ok=True)
-                (base / part['list']).write_text(''.join(n + '\n' for n in names))
-            previous = names
-    return str(base)
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics and a look at the augmented samples: python data.py --dataset voc --data-root DIR
-# ----------------------------------------------------------------------------------------------
-
-def class_statistics(dataset: SegmentationDataset,
-                     max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Pixels and images per class over all classes (after label reduction, before any remap), and the
-    number of ignored pixels, from the raw labels of the first max_images samples."""
-    num_classes = len(dataset.preset['classes'])
-    pixels = torch.zeros(num_classes + 1, dtype=torch.long)   # the last bin counts ignored pixels
-    images = torch.zeros(num_classes + 1, dtype=torch.long)
-    for index in range(min(len(dataset), max_images or len(dataset))):
-        label = dataset.load_label(index)
-        counts = torch.bincount(label.long().flatten().clamp(max=num_classes), minlength=num_classes + 1)
-        pixels += counts
-        images += counts > 0
-    return pixels[:-1], images[:-1], int(pixels[-1])
-
-
-def save_samples(dataset: SegmentationDataset, out_dir: str, count: int = 4) -> list[str]:
-    """Write `count` transformed samples as NAME_image.png and NAME_label.png (palette: class k has VOC's
-    colour of k + 1, 255 is VOC's boundary colour), so a user can see what the model sees."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    palette = color_palette()
-    palette = palette[3:768] + palette[765:768]            # index k -> VOC colour k + 1; 255 unchanged
-    written = []
-    for index in range(min(count, len(dataset))):
-        item = dataset[index]
-        image = (item['image'] * std + mean).clamp(0, 255).round().to(torch.uint8)   # undo the normalisation
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{index:02d}_{item['name']}_image.png")
-        label = Image.fromarray(item['label'].to(torch.uint8).numpy()).convert('P')   # 'L' -> 'P' keeps the values
-        label.putpalette(palette)
-        label.save(out / f"{index:02d}_{item['name']}_label.png")
-        written.append(str(out / f"{index:02d}_{item['name']}"))
-    return written
-
-
-def print_statistics(dataset: SegmentationDataset, max_images: int | None = None) -> None:
-    preset = dataset.preset
-    expected = preset['sizes'].get(dataset.split)
-    print(f"{preset['name']}: split {dataset.split}, {len(dataset)} samples"
-          + (f" (the release: {expected})" if expected else '') + f", from {dataset.root}")
-    print(f"{len(dataset.seen_classes)} seen and {len(dataset.unseen_classes)} unseen classes; "
-          f"setting {dataset.setting}: the labels index {len(dataset.class_names)} classes")
-    pixels, images, ignored = class_statistics(dataset, max_images)
-    total = int(pixels.sum()) + ignored
-    print(f"{'id':>4}  {'class':<22}{'split':<8}{'pixels %':>9}{'images':>8}")
-    for c, name in enumerate(preset['classes']):
-        kind = 'unseen' if c in dataset.unseen_classes else 'seen'
-        print(f"{c:>4}  {name:<22}{kind:<8}{100 * int(pixels[c]) / max(total, 1):>9.3f}{int(images[c]):>8}")
-    print(f"{'':>4}  {'ignored (255)':<22}{'':<8}{100 * ignored / max(total, 1):>9.3f}")
+def describe(image: torch.Tensor, label: torch.Tensor, class_names: list[str]) -> str:
+    """One line: the image's size, type and range, and the classes its label holds."""
+    image, label = image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+    values = label.unique().tolist()
+    names = ', '.join(class_names[v] if v < len(class_names) else str(v) for v in values if v != IGNORE_INDEX)
+    ignored = f', {100 * (label == IGNORE_INDEX).float().mean():.0f}% ignored' if IGNORE_INDEX in values else ''
+    return (f"image {tuple(image.shape)} {str(image.dtype)[6:]} in [{image.min():.4g}, {image.max():.4g}]; "
+            f"label {tuple(label.shape)}: {names or 'no class'}{ignored}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description='Dataset statistics, augmented samples, preparation and fake data.')
+    parser = argparse.ArgumentParser(description='Follow one training sample of a dataset through the pipeline.')
     parser.add_argument('--dataset', default='voc', choices=sorted(DATASETS))
-    parser.add_argument('--data-root', help='the dataset folder (or a folder above it)')
-    parser.add_argument('--split', default='train', choices=['train', 'val'])
-    parser.add_argument('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'])
-    parser.add_argument('--out', default='data_samples', help='where augmented samples are written')
-    parser.add_argument('--num-samples', type=int, default=4)
-    parser.add_argument('--max-images', type=int, default=None, help='limit the statistics to the first N')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--make-fake', metavar='DIR', help='write a tiny fake dataset under DIR and exit')
-    parser.add_argument('--prepare-coco', metavar='COCO_STUFF_ROOT', help='stuffthingmaps -> *_labelTrainIds.png')
-    parser.add_argument('--prepare-voc-aug', nargs=2, metavar=('VOC2012', 'BENCHMARK_RELEASE'),
-                        help='SBD -> SegmentationClassAug, aug.txt, trainaug.txt')
-    parser.add_argument('--check-context', metavar='VOC2010', help='check the converted PASCAL Context labels')
+    parser.add_argument('--data-root', required=True,
+                        help='the dataset folder or a folder above it (a tiny fake one: python data_tools.py fake DIR)')
+    parser.add_argument('--index', type=int, default=0, help='which training sample')
+    parser.add_argument('--seed', type=int, default=0, help='seeds the random draws of the pipeline')
     args = parser.parse_args()
-
-    if args.make_fake:
-        print('wrote', make_fake_dataset(args.dataset, args.make_fake, seed=args.seed))
-    elif args.prepare_coco:
-        print('wrote', prepare_coco_stuff(args.prepare_coco), 'label files')
-    elif args.prepare_voc_aug:
-        aug, trainaug = prepare_voc_aug(*args.prepare_voc_aug)
-        print(f'aug.txt: {aug} names, trainaug.txt: {trainaug} names (the real data: 9118, 10582)')
-    elif args.check_context:
-        print('PASCAL Context labels look right:', check_context(args.check_context), '(the real data: 4996 / 5104)')
-    elif args.data_root:
-        torch.manual_seed(args.seed)
-        preset = DATASETS[args.dataset]
-        transform = train_transform(preset) if args.split == 'train' else test_transform(preset)
-        dataset = SegmentationDataset(args.dataset, args.data_root, args.split, args.setting, transform)
-        print_statistics(dataset, args.max_images)
-        for path in save_samples(dataset, args.out, args.num_samples):
-            print('wrote', path + '_{image,label}.png')
-    else:
-        parser.error('give --data-root (statistics and samples), --make-fake, --prepare-coco, '
-                     '--prepare-voc-aug or --check-context')
+    try:
+        dataset = SegmentationDataset(args.dataset, args.data_root, 'train', 'inductive',
+                                      train_transform(args.dataset))
+        if not 0 <= args.index < len(dataset):
+            raise DatasetError(f"--index {args.index} is outside the {len(dataset)} training samples")
+        image, label = dataset.load(args.index)
+    except DatasetError as error:
+        sys.exit(f"error: {error}")
+    preset, every_class = dataset.preset, dataset.preset['classes']
+    print(f"{preset['name']}: {len(dataset)} training samples in {dataset.root}; {len(every_class)} classes, "
+          f"unseen: {', '.join(every_class[c] for c in dataset.unseen_classes) or 'none'}")
+    print(f"sample {dataset.samples[args.index][2]}")
+    print(f"  {'as read':<28}{describe(image, label, every_class)}")
+    torch.manual_seed(args.seed)
+    image, label = tv_tensors.Image(image), tv_tensors.Mask(label)
+    for step in dataset.transform.transforms:
+        image, label = step(image, label)
+        name = 'ToDtype + Normalize' if isinstance(step, v2.Compose) else type(step).__name__
+        print(f"  {name:<28}{describe(image, label, every_class)}")
+    label = dataset.label_table[label.as_subclass(torch.Tensor).long()]
+    print(f"  {'inductive view':<28}{describe(image, label, dataset.class_names)} "
+          f"(unseen classes -> {IGNORE_INDEX}; indices among the {len(dataset.class_names)} seen classes)")
 
 
 if __name__ == '__main__':

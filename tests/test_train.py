@@ -466,3 +466,14 @@ def test_resume_with_other_settings(fake_voc, finished_run, tmp_path):
     expect_error("--dataset voc (now context)", *TINY, "--dataset", "context", "--data-root", tmp_path,
                  "--iters", 3, "--resume", os.path.join(finished_run, "ckpt.pt"))
     assert (sorted(os.listdir(finished_run)), os.path.getmtime(os.path.join(finished_run, "ckpt.pt"))) == before
+
+
+def test_resume_or_init_from_a_file_that_is_no_run_of_this_project(fake_voc, finished_run, tmp_path):
+    converted = dict(torch.load(os.path.join(finished_run, "ckpt.pt"), weights_only=True), args=None, schedule=None)
+    torch.save(converted, tmp_path / "converted.pt")  # as evaluate.py --convert writes a release checkpoint
+    expect_error("give it to --init-from instead", *TINY, "--data-root", fake_voc, "--iters", 3,
+                 "--resume", tmp_path / "converted.pt", "--output-dir", tmp_path / "out")
+    torch.save(dict(state_dict={"decode_head.q_proj.weight": torch.zeros(2, 2)}, meta={}), tmp_path / "release.pth")
+    expect_error("--convert", *TINY, "--data-root", fake_voc, "--init-from", tmp_path / "release.pth",
+                 "--output-dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -476,11 +476,12 @@ def run(args, rank: int, device: torch.device) -> None:
         if rank == 0:
             checkpoint.atomic_save(ckpt, args.convert)
         print0(f"wrote {args.convert}")
-        if not (args.image or args.data_root):
-            return
-    model = checkpoint.build_model_from_checkpoint(ckpt, args.clip_weights, device)
     crop_size = args.crop_size or (ckpt.get("args") or {}).get("crop_size")  # a small run's sizes
     source = data.get_preset(ckpt["dataset"], crop_size)  # the sizes and normalisation the model was trained with
+    scoring = plan_scoring(args, ckpt, source, crop_size) if args.data_root else None  # before CLIP's weights load
+    if not (args.image or scoring):
+        return
+    model = checkpoint.build_model_from_checkpoint(ckpt, args.clip_weights, device)
     described = f"checkpoint {args.checkpoint} ({ckpt['dataset']} {ckpt['setting']}, step {ckpt.get('step')})"
 
     if args.image:
@@ -492,51 +493,61 @@ def run(args, rank: int, device: torch.device) -> None:
             pred = segment_image(model, image, names, source, window, device)
             out = args.output or os.path.splitext(args.image)[0] + "_otseg.png"
             print0(f"wrote {save_picture(visualize.overlay(visualize.to_picture(image), pred, names), out)}")
-    if args.data_root:
-        score_dataset(args, ckpt, model, source, crop_size, described, rank, device)
+    if scoring:
+        print0(f"{described}: {scoring['description']}")
+        score_dataset(args, ckpt, model, scoring, rank, device)
 
 
-def score_dataset(args, ckpt: dict, model: OTSeg, source: dict, crop_size: int | None, described: str,
-                  rank: int, device: torch.device) -> None:
-    """Score --data-root's validation set (pictures first with --visualize) and write the JSON report."""
-    dataset_name = args.dataset or ckpt["dataset"]
-    cross = dataset_name != ckpt["dataset"]
-    target = data.get_preset(dataset_name, crop_size)
+def plan_scoring(args, ckpt: dict, source: dict, crop_size: int | None) -> dict:
+    """What scoring --data-root means for this checkpoint: dataset, names, window, calibration, report."""
+    name = args.dataset or ckpt["dataset"]
+    cross = name != ckpt["dataset"]
+    target = data.get_preset(name, crop_size)
     if args.normalization == "source":
         target.update(mean=source["mean"], std=source["std"])
-    window, origin = evaluation_window(ckpt, dataset_name, args.window_stride)
-    class_names = list(target["classes"])  # the target's names (the release's cross-dataset bug used the source's)
-    unseen = [] if cross else list(target["unseen"])
-    calibrate = ckpt["setting"] == "inductive" and not cross  # as decode_seg.py; across datasets nothing is seen
-    normalised_as = dataset_name if args.normalization == "target" else f"{ckpt['dataset']} (--normalization source)"
-    print0(f"{described}: scoring {dataset_name}{' (cross-dataset)' if cross else ''} with {len(class_names)} "
-           f"classes, window {window['crop']} stride {window['stride']} ({origin}), normalised as {normalised_as}, "
-           f"calibration {'on' if calibrate else 'off'}")
-    out = args.output_json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                           f"eval_{dataset_name}.json")
     try:
         dataset = data.SegmentationDataset(target, args.data_root, "val", "fully",
                                            transform=data.test_transform(target))
+    except data.DatasetError as error:
+        sys.exit(f"error: --data-root {args.data_root}: {error}")
+    window, origin = evaluation_window(ckpt, name, args.window_stride)
+    unseen = [] if cross else list(target["unseen"])
+    calibrate = ckpt["setting"] == "inductive" and not cross  # as decode_seg.py; across datasets nothing is seen
+    normalised_as = name if args.normalization == "target" else f"{ckpt['dataset']} (--normalization source)"
+    description = (f"scoring {name}{' (cross-dataset)' if cross else ''} with {len(target['classes'])} classes, "
+                   f"window {window['crop']} stride {window['stride']} ({origin}), normalised as {normalised_as}, "
+                   f"calibration {'on' if calibrate else 'off'}")
+    out = args.output_json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{name}.json")
+    return dict(name=name, cross=cross, target=target, dataset=dataset, window=window, origin=origin,
+                classes=list(target["classes"]),  # the target's names (the release's bug: the source's)
+                unseen=unseen, calibrate=calibrate, description=description, out=out)
+
+
+def score_dataset(args, ckpt: dict, model: OTSeg, plan: dict, rank: int, device: torch.device) -> None:
+    """Score the planned validation set (pictures first with --visualize) and write the JSON report."""
+    class_names, unseen, window = plan["classes"], plan["unseen"], plan["window"]
+    try:
         if args.visualize and rank == 0:
-            seen = calibration_mask(len(class_names), unseen, calibrate, device)
-            paths = write_pictures(model, dataset, class_names, seen, window, args.visualize,
+            seen = calibration_mask(len(class_names), unseen, plan["calibrate"], device)
+            paths = write_pictures(model, plan["dataset"], class_names, seen, window, args.visualize,
                                    args.num_visualize, device)
             print0(f"wrote {len(paths)} pictures to {args.visualize}")
-        results = evaluate(model, dataset, class_names, unseen, calibrate, window, device, args.amp,
+        results = evaluate(model, plan["dataset"], class_names, unseen, plan["calibrate"], window, device, args.amp,
                            args.workers, args.window_batch, args.limit)
     except data.DatasetError as error:  # from a DataLoader worker, the message ends with the original one
         sys.exit("error: " + str(error).strip().splitlines()[-1].split("DatasetError: ", 1)[-1])
     print0(format_results(results, class_names, unseen))
     if rank == 0:
-        report = dict(checkpoint=args.checkpoint, source=ckpt["dataset"], dataset=dataset_name,
-                      cross_dataset=cross, setting=ckpt["setting"], calibration=calibrate,
-                      classes=class_names, unseen=unseen, window=window, window_from=origin,
+        target = plan["target"]
+        report = dict(checkpoint=args.checkpoint, source=ckpt["dataset"], dataset=plan["name"],
+                      cross_dataset=plan["cross"], setting=ckpt["setting"], calibration=plan["calibrate"],
+                      classes=class_names, unseen=unseen, window=window, window_from=plan["origin"],
                       normalization=dict(mean=list(target["mean"]), std=list(target["std"])), results=results)
-        tmp = f"{out}.tmp{os.getpid()}"
+        tmp = f"{plan['out']}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(without_nan(report), f, indent=1)
-        os.replace(tmp, out)
-        print0(f"wrote {out}")
+        os.replace(tmp, plan["out"])
+        print0(f"wrote {plan['out']}")
 
 
 if __name__ == "__main__":

@@ -460,7 +460,7 @@ def make_loader(train_set, batch_size: int, micro_batch: int, rank: int, world_s
     sampler = GlobalBatchSampler(len(train_set), batch_size, micro_batch, rank, world_size, seed, start_step)
     return torch.utils.data.DataLoader(
         SeededSamples(train_set, seed), batch_size=micro_batch, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda",  # pinned: the copies to the GPU below are truly non-blocking
+        pin_memory=device.type == "cuda",  # pinned, so that main's non_blocking copies to the GPU are
         generator=torch.Generator().manual_seed(seed),  # its own: the workers' base seed leaves dropout's alone
         persistent_workers=workers > 0)
 
@@ -590,8 +590,9 @@ def main(args) -> None:
     batches = iter(loader)
     try:
         for step in range(start_step, stop):
-            micro_batches = [(batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
-                             for batch in (next(batches) for _ in range(accumulation))]
+            micro_batches = [next(batches) for _ in range(accumulation)]  # pinned: the copies do not block
+            micro_batches = [(b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True))
+                             for b in micro_batches]
             lr = learning_rate(step, schedule)
             values = train_step(forward, optimizer, micro_batches, train_classes, lr, params, world_size,
                                 precision, schedule, unseen_lookup)
@@ -600,7 +601,6 @@ def main(args) -> None:
             if args.eval_every and done % args.eval_every == 0:
                 results = evaluate.evaluate(model, val_set, classes, unseen, args.setting == "inductive",
                                             window, device, args.amp, args.workers, progress=False)
-                model.train()
                 log.evaluation(done, results)
                 score = results["OTSeg+"]["hiou"] if unseen else results["OTSeg+"]["miou"]
                 if score > best:

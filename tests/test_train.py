@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -234,8 +235,14 @@ def test_two_process_torchrun_and_the_loss_falls(fake_voc, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "train.py"), *TINY, "--data-root", fake_voc, "--iters", "6",
                "--lr", "1e-3", "--warmup-iters", "0", "--output-dir", str(out)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # a session of its own: a hang kills all three
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun did not finish in 300 s: {process.communicate()[1][-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
     log = read_log(out)
     assert log[0]["world_size"] == 2 and log[0]["micro_batch"] == 1
     loss = [r["loss"] for r in log if "loss" in r]

@@ -411,6 +411,8 @@ def check_arguments(args) -> tuple[torch.Tensor | None, list[str] | None]:
                  "segment a picture, or --convert OUT")
     if args.visualize and not args.data_root:
         sys.exit("error: --visualize draws validation images: give --data-root too")
+    if args.visualize and os.path.exists(args.visualize) and not os.path.isdir(args.visualize):
+        sys.exit(f"error: --visualize {args.visualize} is a file; give a folder for the pictures")
     for flag, value, least in (("--window-stride", args.window_stride, 1), ("--workers", args.workers, 0),
                                ("--window-batch", args.window_batch, 1), ("--crop-size", args.crop_size, 1)):
         if value is not None and value < least:

@@ -300,6 +300,7 @@ def test_bad_class_lists_images_and_output_paths(checkpoint, fake_root, tmp_path
                  "--output-json", tmp_path / "x.json")
     expect_error(tmp_path, f"--data-root {tmp_path / 'typo'}", *score[:2], "--data-root", tmp_path / "typo",
                  "--clip-weights", tmp_path / "not_downloaded_yet.pt")  # the cheap mistake is found first
+    expect_error(tmp_path, "--visualize", *score, "--visualize", tmp_path / "in" / "photo.png")
     expect_error(tmp_path, "nothing to do", "--checkpoint", path)
     expect_error(tmp_path, "argument --dataset: invalid choice", *score, "--dataset", "pascal")
 

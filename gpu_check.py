@@ -98,8 +98,8 @@ class Sizes:
 FULL = Sizes(clip=dict(benchmark.VIT_B_16, image_resolution=224), crop=512, image=(375, 500),
              train_images=16, val_images=4, steps=30, log_every=5, class_steps=8, workers=6, repeats=10,
              big_batch=32, sinkhorn=benchmark.SINKHORN_SIZES,
-             budgets=dict(tests=50, data=20, train=120, classes=70, capacity=45, evaluate=30,
-                          table3=40, sinkhorn=30, mfu=20, distributed=55),
+             budgets=dict(tests=50, data=20, train=120, classes=65, capacity=40, evaluate=30,
+                          table3=40, sinkhorn=40, mfu=20, distributed=55),
              total=480)
 QUICK = Sizes(clip=dict(clip.TINY), crop=64, image=(96, 128), train_images=4, val_images=2, steps=8,
               log_every=1, class_steps=2, workers=0, repeats=2, big_batch=32,
@@ -146,7 +146,10 @@ def run_program(name: str, argv: list[str], log_path: str, env: dict | None = No
     try:
         output, _ = process.communicate()
     except BaseException:
-        os.killpg(process.pid, signal.SIGKILL)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had just finished
+            pass
         process.communicate()
         raise
     with open(log_path, "w") as f:
@@ -249,7 +252,8 @@ def stage_data(run: Run, out: dict) -> None:
         run.roots[dataset] = data_tools.make_fake_dataset(dataset, run.path("data"), num_train=s.train_images,
                                                           num_val=val, size=s.image)
     torch.manual_seed(0)
-    state_dict = {k: v.half() for k, v in clip.CLIP(**s.clip).state_dict().items()}  # fp16, as OpenAI's file
+    state_dict = {k: v.half() if v.is_floating_point() else v
+                  for k, v in clip.CLIP(**s.clip).state_dict().items()}  # fp16, as OpenAI's file
     run.weights = run.path("random_clip.pt")
     torch.save(state_dict, run.weights)
     out.update(image_size=list(s.image), train_images=s.train_images, val_images=s.val_images,
@@ -450,9 +454,11 @@ def stage_table3(run: Run, out: dict) -> None:
 
 
 def stage_sinkhorn(run: Run, out: dict) -> None:
-    """benchmark.py's Sinkhorn table on the device."""
+    """benchmark.py's Sinkhorn table on the device; on CUDA also its compiled block against eager."""
     tables = benchmark.bench_sinkhorn(run.device, run.args.quick, sizes=run.sizes.sinkhorn)
     out["tables"] = tables
+    if run.cuda:
+        out["tables"].append(benchmark.bench_compile(run.device, run.args.quick))
     out["goals"] = {}
     for table in tables:
         rows = {(r[0], r[1]): r for r in table.rows}

@@ -34,9 +34,9 @@ Training pipeline (MMSegmentation's order, the release's dataset configs) and wh
     pad             to the crop, image 0, label 255                                   torchvision
 Test time: resize so that the short side is 512 (Context 520), keep aspect; the label stays at the
 original size for scoring. evaluate.py then runs the sliding window of the preset (window_of).
-The pipeline agrees with MMSegmentation's exactly (same draws, same integers) except the image's bilinear
-resize: OpenCV's works in 11-bit fixed point, torchvision's in floats, so about one value in five differs
-by one grey level (never more).
+Given the same random draws, every step gives MMSegmentation's integers exactly, except the image's
+bilinear resize: OpenCV's works in 11-bit fixed point, torchvision's in floats, so about one value in five
+differs by one grey level (never more).
 
 Reproducible loading
 --------------------
@@ -547,7 +547,8 @@ def rescale_size(height: int, width: int, short_side: float, long_side: float | 
 
 def nearest_index(in_size: int, out_size: int) -> torch.Tensor:
     """Source index of each output pixel of a nearest-neighbour resize, as OpenCV's INTER_NEAREST (which
-    MMSegmentation resizes labels with): floor(i / scale) with scale = out / in, in float64. Long (out,).
+    MMSegmentation resizes labels with): floor(i * (1 / scale)) with scale = out / in, each step rounded
+    to float64 as OpenCV's resize.cpp does (floor(i * in / out) differs for some sizes). Long (out,).
 
     torch's nearest mode computes the index in float32, which for some sizes picks the neighbouring row or
     column: a row of 2 pixels stretched to 82 takes output pixel 41 from source 41 * 2/82 = 1 in float64,

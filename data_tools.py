@@ -244,6 +244,12 @@ def print_statistics(dataset: SegmentationDataset, max_images: int | None = None
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'expected a whole number of at least 1, not {text!r}')
+    return int(text)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Prepare the datasets of data.py, write fake ones, look at them.')
     commands = parser.add_subparsers(dest='command', required=True)
@@ -254,7 +260,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     stats.add_argument('--dataset', default='voc', choices=sorted(data.DATASETS))
     stats.add_argument('--data-root', required=True, help='the dataset folder (or a folder above it)')
     stats.add_argument('--split', default='train', choices=['train', 'val'])
-    stats.add_argument('--max-images', type=int, default=None, help='count only the first N images')
+    stats.add_argument('--max-images', type=positive_int, default=None, help='count only the first N images')
     stats.add_argument('--samples', metavar='DIR', help='also write 4 samples as the inductive model sees them')
     voc = commands.add_parser('prepare-voc-aug', help='SBD -> SegmentationClassAug, aug.txt, trainaug.txt')
     voc.add_argument('voc_root', metavar='VOC2012')

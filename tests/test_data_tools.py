@@ -178,6 +178,7 @@ def test_command_line_errors_are_one_line(small_voc, tmp_path, monkeypatch):
         code = run_main(monkeypatch, *argv)
         assert isinstance(code, str) and code.startswith('error: ') and '\n' not in code and named in code, \
             (argv, code)
+    assert run_main(monkeypatch, 'stats', '--data-root', small_voc, '--max-images', '0') == 2   # argparse's usage error
 
 
 def test_a_bad_label_met_by_stats_is_one_line(small_voc, monkeypatch):

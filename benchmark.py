@@ -62,19 +62,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds (after warm-up calls), synchronising CUDA around it."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_it(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> float | dict:
+    """Median wall time of fn() in seconds (after warm-up calls), synchronising CUDA around it.
+
+    fn may be a dict of functions to compare: their calls are interleaved (a, b, a, b, ...), so that a
+    machine whose load changes during the run slows every row alike, and a dict of medians returned.
+    """
+    fns = fn if isinstance(fn, dict) else {None: fn}
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+        for name, f in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            f()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return medians if isinstance(fn, dict) else medians[None]
 
 
 @contextmanager
@@ -356,15 +363,15 @@ def bench_inference(device: torch.device, quick: bool) -> Table:
                   f"({machine(device)})", ["matching", "batch", "ms/image", "images/s", "x softmax"],
                   ["{}", "{}", "{:.0f}", "{:.2f}", "{:.3f}"])
     models = {m: build_otseg(m, size, 10, data.TEMPLATES["N6"], device).eval() for m in ("sinkhorn", "softmax")}
+    def run(model, images):
+        with torch.no_grad():
+            out = model(images, classes)
+            return model.ensemble(out["decoder"], out["score"], lam=0.5)
+
     for batch in batches:
         images = torch.randn(batch, 3, size, size, device=device)
-        times = {}
-        for matching, model in models.items():
-            def run():
-                with torch.no_grad():
-                    out = model(images, classes)
-                    return model.ensemble(out["decoder"], out["score"], lam=0.5)
-            times[matching] = time_it(run, device, repeats=3 if not quick else 2)
+        times = time_it({matching: (lambda m=model: run(m, images)) for matching, model in models.items()},
+                        device, repeats=3)
         for matching in models:
             table.rows.append([matching if matching == "softmax" else "sinkhorn (OTSeg+)", batch,
                                times[matching] / batch * 1e3, batch / times[matching],
@@ -416,18 +423,16 @@ def bench_training(device: torch.device, quick: bool) -> list[Table]:
                       f"K={len(classes)}, N={len(templates)} ({machine(device)})",
                       ["matching", "precision", "s/step", "x softmax", "peak MiB", "saved MiB"],
                       ["{}", "{}", "{:.2f}", "{:.2f}", "{:.0f}", "{:.0f}"])
-        for label, options in variants:
-            matching = "softmax" if label == "softmax" else "sinkhorn"
-            model = build_otseg(matching, size, tokens, templates, device, **options).train()
-            for precision in precisions:
-                step = training_step(model, list(classes), batch, size, device, precision)
-                seconds = time_it(step, device, repeats=3 if not quick else 2)
-                table.rows.append([label, "bf16" if precision else "fp32", seconds, None,
-                                   mib(peak_memory(step, device)), mib(step())])
-            del model
-        softmax = {row[1]: row[2] for row in table.rows if row[0] == "softmax"}
-        for row in table.rows:
-            row[3] = row[2] / softmax[row[1]]
+        models = {label: build_otseg("softmax" if label == "softmax" else "sinkhorn", size, tokens, templates,
+                                     device, **options).train() for label, options in variants}
+        for precision in precisions:
+            steps = {label: training_step(model, list(classes), batch, size, device, precision)
+                     for label, model in models.items()}
+            seconds = time_it(steps, device, repeats=3)
+            for label, step in steps.items():
+                table.rows.append([label, "bf16" if precision else "fp32", seconds[label],
+                                   seconds[label] / seconds["softmax"], mib(peak_memory(step, device)), mib(step())])
+        del models, steps
         tables.append(table)
     return tables
 
@@ -492,13 +497,16 @@ def decoder_only(model: OTSeg):
     return forward
 
 
-def images_per_second(forward, images: torch.Tensor, class_names: list[str], repeats: int,
-                      amp: bool = False) -> float:
-    """Images per second of forward(images, class_names) without gradients (bf16 autocast on CUDA with amp)."""
-    def run():
+def images_per_second(forwards: dict, images: torch.Tensor, class_names: list[str], repeats: int,
+                      amp: bool = False) -> dict[str, float]:
+    """Images per second of each forward(images, class_names), timed side by side without gradients
+    (bf16 autocast on CUDA with amp)."""
+    def run(forward):
         with torch.no_grad(), common.autocast(images.device, amp):
             forward(images, class_names)
-    return images.shape[0] / time_it(run, images.device, repeats=repeats)
+    times = time_it({name: (lambda f=forward: run(f)) for name, forward in forwards.items()}, images.device,
+                    repeats=repeats)
+    return {name: images.shape[0] / t for name, t in times.items()}
 
 
 def efficiency_table(model: OTSeg, class_names: list[str], crop: int, device: torch.device,
@@ -523,17 +531,15 @@ def efficiency_table(model: OTSeg, class_names: list[str], crop: int, device: to
                        "OTSeg 23.6 and OTSeg+ 22.5 images/s, ZegCLIP 25.6; 13.8M, 61.9 GFLOPs.")
     rows = (("OTSeg (decoder only)", model, decoder_only(model)), ("OTSeg+ (MPSA)", model, model),
             ("softmax cross-attention", softmax, softmax))
+    speeds = images_per_second({name: forward for name, _, forward in rows}, images, class_names, repeats, amp)
     for name, m, forward in rows:
         learnable = sum(p.numel() for _, p in trainable_parameters(m))
         macs = paper_macs(m, images, class_names)
         with torch.no_grad():
             flops = full_flops(lambda: forward(images, class_names))
-        speed = images_per_second(forward, images, class_names, repeats, amp)
         table.rows.append([name, learnable / 1e6, (learnable + extra_params) / 1e6, macs / 1e9,
-                           (macs + extra_macs) / 1e9, flops / 1e9, speed, None])
-    softmax_speed = table.rows[-1][6]
-    for row in table.rows:
-        row[7] = softmax_speed / row[6]
+                           (macs + extra_macs) / 1e9, flops / 1e9, speeds[name],
+                           speeds["softmax cross-attention"] / speeds[name]])
     return table
 
 
@@ -553,9 +559,10 @@ def backbone_table(model: OTSeg, class_names: list[str], crop: int, batch: int, 
     amp = device.type == "cuda"
     table = Table(f"Batch {batch}, {crop}x{crop}{', bf16' if amp else ''}: OTSeg+ against its bare image tower "
                   f"({machine(device)})", ["model", "images/s", "x tower"], ["{}", "{:.1f}", "{:.3f}"])
-    tower = images_per_second(lambda x, _: bare.encode_image(x), images, class_names, repeats, amp)
-    otseg = images_per_second(model, images, class_names, repeats, amp)
-    table.rows += [["bare CLIP image tower", tower, 1.0], ["OTSeg+", otseg, otseg / tower]]
+    speeds = images_per_second({"tower": lambda x, _: bare.encode_image(x), "OTSeg+": model}, images,
+                               class_names, repeats, amp)
+    table.rows += [["bare CLIP image tower", speeds["tower"], 1.0],
+                   ["OTSeg+", speeds["OTSeg+"], speeds["OTSeg+"] / speeds["tower"]]]
     return table
 
 
@@ -563,9 +570,11 @@ def bench_table3(device: torch.device, quick: bool) -> list[Table]:
     """Table 3 at ViT-B/16 size (random weights: counts and speed do not depend on them), VOC's classes."""
     size = 256 if quick else 512
     model = build_otseg("sinkhorn", size, 10, data.TEMPLATES["N6"], device).eval()
-    repeats = 2 if quick else 10
+    cuda = device.type == "cuda"
+    repeats = 10 if cuda else 3
+    batch = 32 if cuda else 4   # 32 images of 512x512 would take minutes per pass on a CPU
     return [efficiency_table(model, list(data.VOC_CLASSES), size, device, repeats),
-            backbone_table(model, list(data.VOC_CLASSES), size, 4 if quick else 32, device, repeats)]
+            backbone_table(model, list(data.VOC_CLASSES), size, batch, device, repeats)]
 
 
 # ----------------------------------------------------------------------------------------------

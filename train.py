@@ -190,8 +190,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
 
     def order(self, epoch: int) -> list[int]:
-        # One generator seed per (seed, epoch): the multiplier, a prime above any run's epoch count,
-        # keeps the orders of neighbouring --seed values apart (seed s, epoch e never meets seed s + 1).
+        # One generator seed per (seed, epoch). The multiplier only has to exceed a run's number of
+        # epochs (about 30 for VOC), so that seed s at epoch e never meets seed s + 1 at epoch 0; any
+        # such number would do, this one is a prime.
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=generator).tolist()
 
@@ -225,8 +226,9 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         position, index = item
-        # One seed per (seed, position), as in GlobalBatchSampler.order: a prime multiplier above the
-        # positions of most runs (a million samples), so that neighbouring --seed values do not share.
+        # One seed per (seed, position), as in GlobalBatchSampler.order: with a multiplier above the
+        # number of samples a run draws (a million; only COCO's 1.28 million go past it), --seed s + 1
+        # does not repeat the augmentations of --seed s; any such number would do, this one is a prime.
         seed = (self.seed * 1_000_003 + position) % 2 ** 32
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):

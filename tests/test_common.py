@@ -52,6 +52,33 @@ def test_init_arguments_on_torch_2_1(monkeypatch):
     inspect.signature(init_process_group_2_1).bind(**kwargs)
 
 
+@pytest.mark.parametrize("torch_version", ["installed", "2.1"])
+def test_setup_on_gpus_binds_each_process_to_its_gpu(torch_version, monkeypatch):
+    """torchrun's variables for the second process of a node -> cuda:1, set as the current device, and
+    an init_process_group call that this torch's signature (or torch 2.1's) accepts. No GPU needed."""
+    real = inspect.signature(dist.init_process_group)
+    if torch_version == "2.1":
+        def signature_2_1(backend=None, init_method=None, timeout=None, world_size=-1, rank=-1,
+                          store=None, group_name="", pg_options=None):
+            pass
+        real = inspect.signature(signature_2_1)
+    calls = []
+    init = lambda *args, **kwargs: calls.append(real.bind(*args, **kwargs).arguments)  # noqa: E731
+    init.__signature__ = real  # what init_process_group_kwargs inspects
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert common.setup_distributed("cuda") == (1, 2, torch.device("cuda", 1))
+    assert calls[0] == ("set_device", torch.device("cuda", 1))  # before the group: NCCL uses it
+    expected = dict(backend="nccl")
+    if "device_id" in real.parameters:
+        expected["device_id"] = torch.device("cuda", 1)
+    assert calls[1] == expected
+
+
 def test_setup_without_torchrun_is_one_process(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert common.setup_distributed("cpu") == (0, 1, torch.device("cpu"))

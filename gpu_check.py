@@ -359,21 +359,20 @@ def stage_capacity(run: Run, out: dict) -> None:
         classes = training_classes(dataset)
 
         def fits(batch: int) -> bool:
-            step = benchmark.training_step(model, classes, batch, s.crop, device, torch.bfloat16)
             try:
-                step()
+                benchmark.training_step(model, classes, batch, s.crop, device, torch.bfloat16)()
                 return True
             except torch.cuda.OutOfMemoryError:
                 return False
             finally:
-                del step
                 for p in model.parameters():
                     p.grad = None
                 torch.cuda.empty_cache()
 
+        benchmark.training_step(model, classes, 1, s.crop, device, torch.bfloat16)()  # one-time allocations first
         peaks = [benchmark.peak_memory(benchmark.training_step(model, classes, b, s.crop, device, torch.bfloat16),
                                        device) for b in (1, 2)]
-        per_image = peaks[1] - peaks[0]
+        per_image = max(peaks[1] - peaks[0], 2**20)
         torch.cuda.empty_cache()  # what the allocator keeps cached would not count as free
         free, _ = torch.cuda.mem_get_info(device)
         guess = max(1, int((0.9 * free - (peaks[0] - per_image)) // per_image))

@@ -191,8 +191,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def order(self, epoch: int) -> list[int]:
         # One generator seed per (seed, epoch). The multiplier only has to exceed a run's number of
-        # epochs (about 30 for VOC), so that seed s at epoch e never meets seed s + 1 at epoch 0; any
-        # such number would do, this one is a prime.
+        # epochs (27 for VOC, 128 for Context), so that seed s at epoch e never meets seed s + 1 at
+        # epoch 0; any such number would do, this one is a prime.
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=generator).tolist()
 

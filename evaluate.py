@@ -193,7 +193,8 @@ def evaluate(model: nn.Module, dataset, class_names: list[str], unseen: list[int
     count = len(dataset) if limit is None else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=range(rank, count, world), num_workers=workers,
-        collate_fn=first_item, generator=torch.Generator())  # own generator: training RNG untouched
+        collate_fn=first_item, pin_memory=device.type == "cuda",  # pinned: the copies below overlap
+        generator=torch.Generator())  # own generator: training RNG untouched
     conf = {name: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
             for name in ("OTSeg", "OTSeg+")}
     was_training = model.training

@@ -290,7 +290,7 @@ DATASETS = {
         classes=['light red', 'dark red', 'light yellow', 'dark yellow', 'light green', 'dark green',
                  'light blue', 'dark blue', 'light purple', 'dark purple'],   # the objects' colours
         unseen=[2, 7, 9],                    # light yellow, dark blue, dark purple: new combinations of seen words
-        templates=['a photo of a {} shape.', 'a {} object.', 'a picture of a {} thing.', 'a {} shape.'],  # N = 4
+        templates=['a striped {} shape.', 'a dotted {} shape.', 'a plain {} shape.'],  # N = 3: one per pattern
         folder=None,
         splits={'train': [dict(images='images/train', labels='annotations/train')],
                 'val': [dict(images='images/val', labels='annotations/val')]},

@@ -4,29 +4,39 @@ Zero-shot segmentation works only if the encoders already know the unseen classe
 of the seen classes and recognises the unseen ones because CLIP's pretraining tied their names to their
 looks. This chapter builds a small world where that can happen on a CPU, with this project's own code:
 
- 1. The world. 64x64 scenes of 1-3 flat objects (six shapes; plain, striped or dotted) on a cloudy grey
-    background, with pixel labels and a caption naming each object ("a photo of a striped dark red star
-    and a light blue circle."). The classes are the objects' colours: five hues, each light or dark
-    (K = 10). Unseen: light yellow, dark blue and dark purple. OTSeg never sees a mask of them; it sees
-    their words only in other combinations ("dark yellow", "light blue", "light purple", "dark red").
-    Colours, because a tiny CLIP learns them in CPU minutes (shapes would take hours). Names made of
-    shared words, because they give the text embeddings a structure OTSeg's head can carry over: that
-    head (a linear map of the text embeddings, initialised at random and trained on the seen classes)
-    acts at random on the directions the seen classes do not span, and with a handful of classes a new
-    word lives mostly there (measured: with single-word colours, or with whole hues held out, the unseen
-    classes were often confused with each other). The hues are 60 degrees apart, so the training
-    pipeline's hue jitter (+-36 degrees) rarely turns one into another.
- 2. A tiny CLIP (clip.py's CLIP: ViT 4 x 64 on 8-pixel patches, text transformer 2 x 64, C = 64)
-    pretrained contrastively on fresh captioned scenes of every colour, unseen ones included: the
-    analogue of CLIP having seen every concept. Captions naming the same colours count as positives of
-    each other; a second term aligns the mean dense token with the caption, since OTSeg reads the dense
-    tokens. `python shapes.py pretrain` remakes assets/shapes_clip.pt (command and seed stored inside).
+ 1. The world. 64x64 scenes of 1-3 flat objects (six shapes) on a cloudy grey background, with pixel
+    labels and a caption naming each object ("a photo of a striped and dotted dark red star and a plain
+    light blue circle."). The classes are the objects' colours: five hues, each light or dark (K = 10).
+    Unseen: light yellow, dark blue and dark purple. OTSeg never sees a mask of them; it sees their words
+    only in other combinations ("dark yellow", "light blue", "light purple", "dark red"). Colours,
+    because a tiny CLIP learns them in CPU minutes (shapes would take hours). Names made of shared words,
+    because they give the text embeddings a structure OTSeg's head can carry over: that head (a linear
+    map of the text embeddings, initialised at random and trained on the seen classes) acts at random on
+    the directions the seen classes do not span, and with a handful of classes a new word lives mostly
+    there (measured: with single-word colours, or with whole hues held out, the unseen classes were often
+    confused with each other). The hues are 60 degrees apart, so the training pipeline's hue jitter
+    (+-36 degrees) rarely turns one into another. Every object is made of two halves, cut by a random
+    line through its centre, each plain, striped or dotted: something inside one class that the prompts
+    can tell apart (item 3).
+ 2. A tiny CLIP (clip.py's TINY with a ViT of 4 layers on 8-pixel patches; C = 64) pretrained
+    contrastively on fresh captioned scenes of every colour, unseen ones included: the analogue of CLIP
+    having seen every concept. Captions saying the same count as positives of each other; every scene
+    comes twice in a batch with other patterns, or contrastive learning stops at the colours. Three
+    terms: CLIP's on the CLS embedding; the mean dense token against the caption; and FILIP's late
+    interaction, where each phrase of the caption ('a striped dark red shape.') must match some dense
+    token on its own, since OTSeg reads the dense tokens. `python shapes.py pretrain` remakes
+    assets/shapes_clip.pt (command and seed stored inside).
  3. The demo, `python shapes.py`: writes the world in the simplest layout data.py reads
     (images/{train,val}/*.jpg, annotations/{train,val}/*.png, the preset DATASETS['shapes']), runs
     `train.py --dataset shapes` on the seen classes' masks (inductive) and `evaluate.py` on all classes,
-    for the Sinkhorn matching (OTSeg and OTSeg+) and the softmax matching, plus an honesty check: the same
-    OTSeg on a randomly initialised tiny CLIP, which has never seen a light yellow thing. It prints the
-    table and where the pictures are.
+    for OTSeg and OTSeg+ and for an honesty check: the same OTSeg on a randomly initialised tiny CLIP,
+    which has never seen a light yellow thing. `--compare` adds the softmax matching (paper Table 5(b)).
+    Then what the prompts do: the N = 3 templates name one pattern each ("a striped {} shape.", "a dotted
+    {} shape.", "a plain {} shape."). On fresh scenes, whose pattern at every pixel is known, it measures
+    how alike a class's per-prompt maps are before transport (the cosines S^i) and after MPS
+    (M N T^i S^i), and whether the part of a pixel's score each prompt takes follows the pattern drawn
+    there; and it draws paper Fig. 5's analogue on unseen objects. It prints the tables and where the
+    pictures are.
 
 The checkpoint keeps only the rows of the 49,408-row token table that the world's words use (no other row
 ever received a gradient): 1.4 MB instead of 14. `clip_state_dict` rebuilds a plain CLIP state dict from
@@ -40,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,7 +63,7 @@ from PIL import Image, ImageDraw
 import evaluate
 import visualize
 from checkpoint import build_model_from_checkpoint, read_checkpoint as read_otseg_checkpoint
-from clip import CLIP, architecture, tokenize
+from clip import CLIP, TINY, architecture, tokenize
 from data import DATASETS, SegmentationDataset, test_transform
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +73,7 @@ from data import DATASETS, SegmentationDataset, test_transform
 PRESET = DATASETS['shapes']  # classes, unseen split, templates, layout: the world's entry in data.py
 CLASSES = PRESET['classes']  # 'light red', 'dark red', 'light yellow', ... (K = 10)
 UNSEEN = PRESET['unseen']  # light yellow, dark blue, dark purple: no masks of them in training
-TEMPLATES = PRESET['templates']  # N = 4
+TEMPLATES = PRESET['templates']  # N = 3: 'a striped {} shape.', 'a dotted {} shape.', 'a plain {} shape.'
 HUES = {'red': (220, 35, 35), 'yellow': (230, 220, 40), 'green': (40, 190, 50), 'blue': (45, 65, 225),
         'purple': (190, 50, 210)}  # RGB; hues 0, 60, 120, 240 and 300 degrees
 SHADES = ['light', 'dark']
@@ -100,50 +111,60 @@ def pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarra
 
 
 def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, max_objects: int = 3,
-                 radius: tuple[float, float] = (9.0, 16.0)) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                 radius: tuple[float, float] = (9.0, 16.0), pattern_rng: np.random.Generator | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
     """One image of the world.
 
-    Returns image uint8 (size, size, 3), label uint8 (size, size) with 0 = background and k + 1 = class k
-    (the VOC convention, reduce_zero_label), and the objects drawn: dicts with colour, shape, pattern.
-    Objects never overlap, so every object drawn is visible and named in the caption.
+    Every object is made of two halves, cut by a random line through its centre, each with its own
+    pattern (the same one or not), drawn from `pattern_rng` (default: rng): the same rng state with
+    another pattern_rng gives the same scene with other patterns. Returns image uint8 (size, size, 3), label uint8 (size, size) with
+    0 = background and k + 1 = class k (the VOC convention, reduce_zero_label), parts uint8 (size, size)
+    with 0 = background and p + 1 = PATTERNS[p] drawn there, and the objects drawn: dicts with colour,
+    shape and patterns (the two halves'). Objects never overlap, so every object drawn is visible and
+    named in the caption.
     """
     # background: smooth grey-brown clouds (low-frequency noise, little saturation)
     clouds = rng.uniform(60, 150, (4, 4, 1)) + rng.uniform(-15, 15, (4, 4, 3))
     clouds = Image.fromarray(np.clip(clouds, 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
     image = np.asarray(clouds, dtype=np.float32)
     label = np.zeros((size, size), dtype=np.uint8)
+    parts = np.zeros((size, size), dtype=np.uint8)
     taken = np.zeros((size, size), dtype=bool)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     objects = []
     for _ in range(rng.integers(1, max_objects + 1)):
         for _attempt in range(20):  # rejection sampling of a free spot
             r = rng.uniform(*radius)
-            mask = shape_mask(shape := SHAPES[rng.integers(len(SHAPES))], tuple(rng.uniform(r, size - r, 2)), r,
-                              rng.uniform(0, 2 * math.pi), size)
+            centre = tuple(rng.uniform(r, size - r, 2))
+            mask = shape_mask(shape := SHAPES[rng.integers(len(SHAPES))], centre, r, rng.uniform(0, 2 * math.pi), size)
             if mask.sum() >= 30 and not (mask & taken).any():
                 break
         else:
             continue
         k = int(rng.integers(len(CLASSES)))
-        pattern = PATTERNS[rng.integers(len(PATTERNS))]
+        patterns = [int(p) for p in (pattern_rng or rng).integers(len(PATTERNS), size=2)]
+        cut = (pattern_rng or rng).uniform(0, 2 * math.pi)
+        second = (x - centre[0]) * math.cos(cut) + (y - centre[1]) * math.sin(cut) > 0  # one side of the cut
         colour = np.array(COLOURS[CLASSES[k]], dtype=np.float32) * rng.uniform(0.85, 1.05)
         shade = colour * 0.55
-        fill = np.where(pattern_mask(pattern, size, rng)[..., None], colour, shade)
-        image = np.where(mask[..., None], fill, image)
+        for half, p in zip((~second, second), patterns):
+            fill = np.where(pattern_mask(PATTERNS[p], size, pattern_rng or rng)[..., None], colour, shade)
+            image = np.where((mask & half)[..., None], fill, image)
+            parts[mask & half] = p + 1
         label[mask] = k + 1
         taken |= mask
-        objects.append(dict(colour=CLASSES[k], shape=shape, pattern=pattern))
+        objects.append(dict(colour=CLASSES[k], shape=shape, patterns=tuple(PATTERNS[p] for p in patterns)))
     image = image + rng.normal(0, 6, image.shape)  # sensor noise
-    return np.clip(image, 0, 255).round().astype(np.uint8), label, objects
+    return np.clip(image, 0, 255).round().astype(np.uint8), label, parts, objects
 
 
 def caption(objects: list[dict], rng: np.random.Generator) -> str:
-    """A sentence naming every object's colour, and sometimes its shape and pattern."""
+    """A sentence naming every object's colour and patterns, and sometimes its shape."""
     phrases = []
     for obj in objects:
-        words = [obj['colour'], obj['shape'] if rng.random() < 0.5 else ['shape', 'object', 'thing'][rng.integers(3)]]
-        if obj['pattern'] != 'plain' and rng.random() < 0.5:
-            words.insert(0, obj['pattern'])
-        phrases.append('a ' + ' '.join(words))
+        patterns = sorted(set(obj['patterns']), key=lambda _: rng.random())  # one word, or two in random order
+        noun = obj['shape'] if rng.random() < 0.5 else ['shape', 'object', 'thing'][rng.integers(3)]
+        phrases.append('a ' + ' and '.join(patterns) + f" {obj['colour']} {noun}")
     order = rng.permutation(len(phrases))
     phrases = [phrases[i] for i in order]
     body = phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
@@ -166,7 +187,7 @@ def write_world(root: str, num_train: int = 2000, num_val: int = 300, seed: int 
             os.makedirs(os.path.join(root, folder, split), exist_ok=True)
         lines = []
         for i in range(count):
-            image, label, objects = render_scene(rng)
+            image, label, _, objects = render_scene(rng)
             name = f'{split}_{i:05d}'
             # full-resolution colour (no 4:2:0 subsampling): in this world the colour is the class
             Image.fromarray(image).save(os.path.join(root, 'images', split, name + '.jpg'), quality=95,
@@ -183,9 +204,8 @@ def write_world(root: str, num_train: int = 2000, num_val: int = 300, seed: int 
 # 2. The tiny CLIP and its contrastive pretraining
 # ----------------------------------------------------------------------------------------------
 
-TINY_CLIP = dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, vision_width=64,
-                 vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
-                 transformer_heads=1, transformer_layers=2)  # 64 / 64 = 1 head, OpenAI's rule
+# clip.py's TINY with a deeper image tower on finer patches (8 x 8 patches of 8 pixels: M = 64 tokens)
+TINY_CLIP = dict(TINY, image_resolution=IMAGE_SIZE, vision_layers=4, vision_patch_size=8)
 IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)  # data.py's normalisation, so the
 IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)     # pretrained towers see what OTSeg sees
 
@@ -200,39 +220,64 @@ def encode_captions(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0]), eot] @ model.text_projection  # (n, C)
 
 
-def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-    """n fresh scenes: normalised images (n, 3, H, W), labels (n, H, W) (0 bg, k + 1 class k), captions and
-    the (n, n) positives matrix (1 where two captions name the same set of colours)."""
-    images, labels, captions, colour_sets = [], [], [], []
-    for _ in range(n):
-        image, label, objects = render_scene(rng)
+def scene_batch(rng: np.random.Generator, n: int, twins: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """n fresh scenes: normalised images (n, 3, H, W), labels and parts (n, H, W) (render_scene's), captions
+    and what each caption says, as (n, K, P) bool: [i, k, p] = scene i shows colour k with pattern p.
+    twins: n / 2 scenes, each drawn twice with other patterns (same objects, colours and places): pairs
+    that only the patterns tell apart, without which contrastive learning stops at the colours."""
+    images, labels, parts, captions = [], [], [], []
+    shown = torch.zeros(n, len(CLASSES), len(PATTERNS), dtype=torch.bool)
+    layouts = [int(s) for s in rng.integers(2 ** 32, size=n // 2) for _ in range(2)] if twins else [None] * n
+    for i, layout in enumerate(layouts):
+        scene_rng = rng if layout is None else np.random.default_rng(layout)
+        image, label, part, objects = render_scene(scene_rng, pattern_rng=None if layout is None else rng)
         images.append(image)
         labels.append(label)
+        parts.append(part)
         captions.append(caption(objects, rng))
-        colour_sets.append(frozenset(obj['colour'] for obj in objects))
+        for obj in objects:
+            for pattern in obj['patterns']:
+                shown[i, CLASSES.index(obj['colour']), PATTERNS.index(pattern)] = True
     images = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() - IMAGENET_MEAN) / IMAGENET_STD
-    positives = torch.tensor([[a == b for b in colour_sets] for a in colour_sets], dtype=torch.float32)
-    return images, torch.from_numpy(np.stack(labels)), captions, positives
+    return images, torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(parts)), captions, shown
 
 
-def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, positives: torch.Tensor,
-                        logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE where every caption naming the same colours is a positive (soft targets
-    spread evenly over them): two images of a red circle must not be pushed apart. (B, C), (B, C), (B, B)."""
-    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()  # (B, B)
+def phrases() -> list[str]:
+    """The K * P phrases a caption is made of, one per (colour, pattern), colour-major: 'a striped light red
+    shape.' (the demo's templates are these phrases)."""
+    return [f'a {pattern} {colour} shape.' for colour in CLASSES for pattern in PATTERNS]
+
+
+def multi_positive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on (B images, B captions) logits, where every caption saying the same as
+    another is a positive too (soft targets spread evenly over them): two images of a striped red circle
+    must not be pushed apart. positives (B, B), symmetric."""
     targets = positives / positives.sum(dim=1, keepdim=True)  # symmetric, so the same for both directions
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
 
 def pretraining_loss(model: CLIP, images: torch.Tensor, tokens: torch.Tensor,
-                     positives: torch.Tensor) -> torch.Tensor:
-    """Contrastive loss of the CLS embedding (CLIP's) plus that of the mean dense token (OTSeg reads those)."""
+                     shown: torch.Tensor) -> torch.Tensor:
+    """Three contrastive terms over the batch (captions saying the same count as positives):
+    CLIP's, on the CLS embedding; the mean dense token against the caption (OTSeg reads the dense tokens);
+    and phrase grounding, FILIP's late interaction: each phrase of caption j finds its best dense token in
+    image i, and the mean of those similarities scores the pair (i, j). The last term asks some patch of
+    the image to match each phrase on its own, so that dense tokens say what is drawn *there*.
+    images (B, 3, H, W), tokens (B, L), shown (B, K, P) as scene_batch returns it."""
     global_embedding, dense = model.encode_dense(images)  # (B, C), (B, C, h, w)
-    text = encode_captions(model, tokens)  # (B, C)
+    text = F.normalize(encode_captions(model, tokens), dim=-1)  # (B, C)
+    phrase_text = F.normalize(encode_captions(model, tokenize(phrases())), dim=-1)  # (K * P, C)
     scale = model.logit_scale.exp().clamp(max=100)  # OpenAI's clamp
-    pooled = F.normalize(dense.flatten(2), dim=1).mean(dim=2)  # (B, C, M) -> (B, C): mean of the unit dense tokens
-    return (multi_positive_loss(global_embedding, text, positives, scale)
-            + multi_positive_loss(pooled, text, positives, scale))
+    said = shown.flatten(1).float()  # (B, K * P)
+    positives = (said[:, None] == said[None]).all(dim=-1).float()  # (B, B)
+    patches = F.normalize(dense.flatten(2), dim=1)  # (B, C, M): unit dense tokens
+    pooled = F.normalize(patches.mean(dim=2), dim=-1)  # (B, C)
+    best = torch.einsum('bcm,pc->bpm', patches, phrase_text).amax(dim=-1)  # (B, K * P): best patch per phrase
+    grounding = best @ (said / said.sum(dim=1, keepdim=True)).t()  # (B, B): mean over caption j's phrases
+    return (multi_positive_loss(scale * F.normalize(global_embedding, dim=-1) @ text.t(), positives)
+            + multi_positive_loss(scale * pooled @ text.t(), positives)
+            + multi_positive_loss(scale * grounding, positives))
 
 
 @torch.no_grad()
@@ -255,13 +300,18 @@ def patch_majority(labels: torch.Tensor, patch: int, purity: float = 0.7) -> tor
 
 
 @torch.no_grad()
-def zero_shot_quality(model: CLIP, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """What pretraining alone gives, no segmentation training (chance about 1/K for both):
+def zero_shot_quality(model: CLIP, images: torch.Tensor, labels: torch.Tensor, parts: torch.Tensor) -> dict[str, float]:
+    """What pretraining alone gives, no segmentation training:
     image: for each image, the share of its n colours among the n classes closest to its CLS embedding;
-    patch: accuracy of the class closest to each dense token (MaskCLIP-style), over patches inside objects.
-    `model` as pretrained: built with double_cls_embedding=False, so encode_dense's CLS is encode_image's."""
+    patch: accuracy of the class closest to each dense token (MaskCLIP-style), over patches inside objects;
+    pattern: accuracy of the template closest to each dense token among those of the patch's true class,
+    over patches of one pattern (does a dense token know which prompt names it?).
+    Chance: about 1/K, 1/K and 1/N. `model` as pretrained: built with double_cls_embedding=False, so
+    encode_dense's CLS is encode_image's."""
     model.eval()
-    text = class_text_embeddings(model)  # (K, C)
+    texts = [t.format(name) for name in CLASSES for t in TEMPLATES]
+    prompts = F.normalize(encode_captions(model, tokenize(texts)), dim=-1).view(len(CLASSES), len(TEMPLATES), -1)
+    text = F.normalize(prompts.mean(dim=1), dim=-1)  # (K, N, C) -> (K, C)
     global_embedding, dense = model.encode_dense(images)  # (B, C), (B, C, h, w)
     image_scores = F.normalize(global_embedding, dim=-1) @ text.t()  # (B, K)
     hits = []
@@ -269,17 +319,23 @@ def zero_shot_quality(model: CLIP, images: torch.Tensor, labels: torch.Tensor) -
         present = set(label.unique().tolist()) - {0}
         top = scores.topk(len(present)).indices + 1
         hits.append(sum(int(k) in present for k in top) / len(present))
-    patches = patch_majority(labels, model.visual.conv1.kernel_size[0])  # (B, M)
+    patch = model.visual.conv1.kernel_size[0]
+    classes, patterns = patch_majority(labels, patch), patch_majority(parts, patch)  # (B, M) each
     tokens = F.normalize(dense.flatten(2).transpose(1, 2), dim=-1)  # (B, C, M) -> (B, M, C)
     predicted = (tokens @ text.t()).argmax(dim=-1) + 1  # (B, M)
-    inside = patches > 0
-    return dict(image=float(np.mean(hits)), patch=float((predicted[inside] == patches[inside]).float().mean()))
+    inside = classes > 0
+    pure = inside & (patterns > 0)
+    own = prompts[classes[pure].long() - 1]  # (P, N, C): the templates of each pure patch's true class
+    named = torch.einsum('pc,pnc->pn', tokens[pure], own).argmax(dim=-1)  # (P,)
+    template_pattern = torch.tensor([next(i for i, p in enumerate(PATTERNS) if p in t) for t in TEMPLATES])
+    return dict(image=float(np.mean(hits)), patch=float((predicted[inside] == classes[inside]).float().mean()),
+                pattern=float((template_pattern[named] + 1 == patterns[pure].long()).float().mean()))
 
 
-def quality_set(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def quality_set(count: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed held-out scenes zero_shot_quality is measured on."""
-    images, labels, _, _ = scene_batch(np.random.default_rng([7, 20240924]), count)
-    return images, labels
+    images, labels, parts, _, _ = scene_batch(np.random.default_rng([7, 20240924]), count)
+    return images, labels, parts
 
 
 def pretrain(steps: int = 600, batch_size: int = 128, lr: float = 1e-3, warmup: int = 100, seed: int = 0,
@@ -294,26 +350,26 @@ def pretrain(steps: int = 600, batch_size: int = 128, lr: float = 1e-3, warmup: 
     others = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([dict(params=matrices, weight_decay=0.1), dict(params=others, weight_decay=0.0)],
                                   lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    eval_images, eval_labels = quality_set()
-    history = [dict(step=0, **zero_shot_quality(model, eval_images, eval_labels))]
+    quality = quality_set()
+    history = [dict(step=0, **zero_shot_quality(model, *quality))]
     log(f"step 0: zero-shot image {history[-1]['image']:.3f}, patch {history[-1]['patch']:.3f} "
-        f"(chance {1 / len(CLASSES):.2f})")
+        f"(chance {1 / len(CLASSES):.2f}), pattern {history[-1]['pattern']:.3f} (chance {1 / len(TEMPLATES):.2f})")
     start = time.time()
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group['lr'] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        images, _, captions, positives = scene_batch(rng, batch_size)
+        images, _, _, captions, shown = scene_batch(rng, batch_size, twins=True)
         model.train()
-        loss = pretraining_loss(model, images, tokenize(captions), positives)
+        loss = pretraining_loss(model, images, tokenize(captions), shown)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % log_every == 0 or step == steps:
             history.append(dict(step=step, loss=loss.item(), minutes=(time.time() - start) / 60,
-                                **zero_shot_quality(model, eval_images, eval_labels)))
+                                **zero_shot_quality(model, *quality)))
             h = history[-1]
             log(f"step {step}: loss {h['loss']:.3f}, zero-shot image {h['image']:.3f}, patch {h['patch']:.3f}, "
-                f"{h['minutes']:.1f} min")
+                f"pattern {h['pattern']:.3f}, {h['minutes']:.1f} min")
     return model.eval(), history
 
 
@@ -366,11 +422,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # lr 2e-4 with 1,500 warm-up steps would take hours on a CPU): a few hundred steps at a higher rate.
 DEMO_SCHEDULE = dict(iters=600, batch_size=16, lr=3e-3, warmup_iters=30, prompt_tokens=4)
 
-RUNS = [  # (run name, which tiny CLIP, matching): the two Sinkhorn runs first, they take longest
+RUNS = [  # (run name, which tiny CLIP, matching): what the demo trains; the Sinkhorn runs first
     ('pretrained-sinkhorn', 'pretrained', 'sinkhorn'),
     ('random-sinkhorn', 'random', 'sinkhorn'),  # the honesty check: the same OTSeg on a CLIP that knows nothing
-    ('pretrained-softmax', 'pretrained', 'softmax'),
 ]
+COMPARE_RUNS = [('pretrained-softmax', 'pretrained', 'softmax')]  # --compare: the Table 5(b) baseline
 
 
 def write_clip_weights(out_dir: str, checkpoint: str, seed: int) -> dict[str, str]:
@@ -386,27 +442,48 @@ def write_clip_weights(out_dir: str, checkpoint: str, seed: int) -> dict[str, st
     return paths
 
 
-def run_commands(commands: list[tuple[str, list[str], str]], jobs: int) -> None:
-    """Run (title, argv, log file) commands, `jobs` at a time (one thread each when several run at
-    once), printing each one's time; exit with the end of its log if one fails."""
+def progress_lines(path: str, offset: int, title: str) -> int:
+    """Print the records train.py appended to its log.jsonl since `offset`, one short line each; returns
+    the new offset. Only whole lines are read: a record being written is left for the next call."""
+    if not os.path.isfile(path):
+        return offset
+    with open(path) as f:
+        f.seek(offset)
+        text = f.read()
+    complete = text[:text.rfind('\n') + 1]
+    for line in complete.splitlines():
+        record = json.loads(line)
+        if 'loss' in record:
+            print(f"  {title}: step {record['step']}, loss {record['loss']:.3f}, "
+                  f"about {record['eta_s']:.0f} s to go", flush=True)
+    return offset + len(complete)
+
+
+def run_commands(commands: list[tuple[str, list[str], str, str | None]], jobs: int) -> None:
+    """Run (title, argv, log file, progress file) commands, `jobs` at a time (one thread each when several
+    run at once), printing the progress records as they come and each one's time; exit with the end of
+    its log if one fails."""
     env = dict(os.environ, OMP_NUM_THREADS='1') if jobs > 1 else None
     pending, running = list(commands), []
     while pending or running:
         while pending and len(running) < jobs:
-            title, argv, log_path = pending.pop(0)
+            title, argv, log_path, progress = pending.pop(0)
             log = open(log_path, 'w')
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env)
-            running.append((title, process, log, log_path, time.time()))
-        time.sleep(0.1)
-        for job in [job for job in running if job[1].poll() is not None]:
+            running.append(dict(title=title, process=process, log=log, log_path=log_path, progress=progress,
+                                offset=0, start=time.time()))
+        time.sleep(0.2)
+        for job in running:
+            if job['progress']:
+                job['offset'] = progress_lines(job['progress'], job['offset'], job['title'])
+        for job in [job for job in running if job['process'].poll() is not None]:
             running.remove(job)
-            title, process, log, log_path, start = job
-            log.close()
-            if process.returncode != 0:
-                with open(log_path) as f:
-                    sys.exit(f"error: {title} failed (exit code {process.returncode}); the end of {log_path}:\n"
-                             + ''.join(f.readlines()[-15:]))
-            print(f"  {title}: {time.time() - start:.0f} s", flush=True)
+            job['log'].close()
+            if job['process'].returncode != 0:
+                with open(job['log_path']) as f:
+                    sys.exit(f"error: {job['title']} failed (exit code {job['process'].returncode}); the end of "
+                             f"{job['log_path']}:\n" + ''.join(f.readlines()[-15:]))
+            print(f"  {job['title']}: done in {time.time() - job['start']:.0f} s", flush=True)
 
 
 def results_table(results: dict[str, dict], seed: int) -> str:
@@ -471,63 +548,193 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
     return path
 
 
+# What the prompts do. Each template names a pattern ("a striped {} shape."), and every object is made of
+# two halves, often of two patterns. Before transport, each prompt's cosine map S^i lights the whole
+# object (the colour dominates every prompt's embedding); after MPS, M N T^i S^i shows the pixels the plan
+# gave each prompt (paper Fig. 5). Measured on fresh scenes, whose pattern of every pixel is known.
+
+def prompt_patterns(templates: list[str]) -> list[int]:
+    """Index in PATTERNS of the pattern each template names."""
+    return [next(p for p, pattern in enumerate(PATTERNS) if pattern in t.split()) for t in templates]
+
+
+def specialisation_scenes(seed: int, count: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh scenes for the prompt measurements: normalised images (B, 3, H, W), labels and parts (B, H, W)."""
+    images, labels, parts, _, _ = scene_batch(np.random.default_rng([seed, 2, 20240924]), count)
+    return images, labels, parts
+
+
+def prompt_specialisation(maps: torch.Tensor, labels: torch.Tensor, parts: torch.Tensor,
+                          templates: list[str]) -> dict[str, float]:
+    """How differently a class's N per-prompt maps look, and whether each pixel goes to the prompt naming
+    the pattern drawn there. maps (B, K, N, h, w): one kind of per-prompt map (the cosines S^i, or
+    M N T^i S^i after MPS); labels, parts (B, H, W) as render_scene returns them.
+
+    correlation: Pearson correlation of two prompts' maps over the M pixels, averaged over the prompt pairs
+        and the (scene, class present) pairs: 1 = the same picture up to scale and offset.
+    share: over the patches of one class and one pattern, the part of the patch's score (the sum of its N
+        map values, negative ones counted as 0) taken by the prompt naming the pattern drawn there;
+        1/N = an even split, 1 = that prompt alone.
+    top: how often that prompt has the largest value (chance 1/N).
+    """
+    B, K, N, h, w = maps.shape
+    values = maps.flatten(3)  # (B, K, N, h, w) -> (B, K, N, M)
+    classes = patch_majority(labels, labels.shape[-1] // w).long()  # (B, M): k + 1, 0 = background or mixed
+    patterns = patch_majority(parts, parts.shape[-1] // w).long()  # (B, M): p + 1, 0 = background or mixed
+    pairs = ~torch.eye(N, dtype=torch.bool)
+    correlations = [torch.corrcoef(values[b, k - 1])[pairs].mean()  # (N, M) -> (N, N) -> mean off the diagonal
+                    for b in range(B) for k in classes[b].unique().tolist() if k > 0]
+    prompt_of = torch.full((len(PATTERNS),), -1)  # pattern -> the prompt naming it (-1: none)
+    prompt_of[prompt_patterns(templates)] = torch.arange(N)
+    b, m = ((classes > 0) & (patterns > 0)).nonzero(as_tuple=True)  # (P,) each: the patches of one pattern
+    named = prompt_of[patterns[b, m] - 1]  # (P,)
+    keep = named >= 0
+    b, m, named = b[keep], m[keep], named[keep]
+    patch = values[b, classes[b, m] - 1, :, m].clamp(min=0)  # (P, N)
+    total = patch.sum(dim=-1)  # (P,)
+    share = patch[torch.arange(len(named)), named][total > 0] / total[total > 0]
+    return dict(correlation=float(torch.stack(correlations).mean()), share=float(share.mean()),
+                top=float((patch.argmax(dim=-1) == named).float().mean()))
+
+
+def prompt_agreement(embeddings: torch.Tensor) -> float:
+    """Mean cosine similarity of two different prompts of the same class: embeddings (..., N, C)."""
+    unit = F.normalize(embeddings.flatten(0, -3), dim=-1)  # (..., N, C) -> (L, N, C)
+    cosines = unit @ unit.transpose(1, 2)  # (L, N, N)
+    N = cosines.shape[-1]
+    return float(cosines[:, ~torch.eye(N, dtype=torch.bool)].mean())
+
+
+def specialisation_table(cosine: dict[str, float], after: dict[str, float], agreement: dict[str, float],
+                         num_scenes: int, N: int) -> str:
+    """The two maps' measurements side by side, and how alike the prompts' embeddings are."""
+    rows = [('correlation', 'of two prompts\' maps of a class (1 = the same picture)'),
+            ('share', f'of a patch\'s score taken by the prompt naming its pattern ({1 / N:.2f} = even split)'),
+            ('top', f'how often that prompt has the largest value (chance {1 / N:.2f})')]
+    lines = [f"What the {N} prompts do, on {num_scenes} fresh scenes (patches of one class and one pattern):",
+             f"{'':12s} {'cosine S^i':>10s} {'after MPS':>10s}"]
+    lines += [f"{key:12s} {cosine[key]:10.2f} {after[key]:10.2f}   {text}" for key, text in rows]
+    lines.append(f"Two prompts of a class, mean cosine: {agreement['text']:.2f} as the tiny CLIP's texts t, "
+                 f"{agreement['queries']:.2f} as OTSeg's queries q0 (after the relationship descriptor)")
+    return '\n'.join(lines)
+
+
+def prompts_picture(path: str, cosine: torch.Tensor, after: torch.Tensor, images: torch.Tensor,
+                    labels: torch.Tensor, parts: torch.Tensor, templates: list[str], count: int = 3,
+                    tile: int = 80) -> str:
+    """Paper Fig. 5 in the shapes world: the first `count` scenes whose unseen object shows two patterns;
+    for the object's class, each prompt's cosine map S^i and its map after MPS (each map min-max scaled).
+    cosine, after (B, K, N, h, w); images (B, 3, H, W) normalised; labels, parts (B, H, W)."""
+    chosen = []
+    for i in range(len(images)):
+        for k in UNSEEN:
+            drawn = parts[i][labels[i] == k + 1].unique().tolist()
+            if len(drawn) == 2 and len(chosen) < count and (labels[i] == k + 1).sum() >= 150:
+                chosen.append((i, k, [PATTERNS[p - 1] for p in drawn]))
+    N = len(templates)
+    names = [PATTERNS[p] for p in prompt_patterns(templates)]
+    columns = ['scene'] + [f'cosine: {n}' for n in names] + [f'MPS: {n}' for n in names]
+    header, gap, left = 30, 6, 120
+    canvas = Image.new('RGB', (left + len(columns) * (tile + gap), header + len(chosen) * (tile + gap)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(columns):
+        draw.text((left + c * (tile + gap) + 2, header - 14), title, fill='black')
+    draw.text((left + (tile + gap) * 1 + 2, 2), 'before transport: S^i', fill='black')
+    draw.text((left + (tile + gap) * (1 + N) + 2, 2), 'after MPS: M N T^i S^i', fill='black')
+    for r, (i, k, drawn) in enumerate(chosen):
+        y = header + r * (tile + gap)
+        draw.text((2, y + tile // 2 - 12), f"{CLASSES[k]} (unseen)\n{' and '.join(drawn)}", fill='black')
+        tiles = [visualize.denormalize(images[i])] + [visualize.heatmap(maps[i, k, n])
+                                                     for maps in (cosine, after) for n in range(N)]
+        for c, picture in enumerate(tiles):
+            canvas.paste(picture.resize((tile, tile), Image.NEAREST), (left + c * (tile + gap), y))
+    canvas.save(path)
+    return path
+
+
 def demo(out_dir: str = 'runs/shapes', checkpoint: str = CHECKPOINT, seed: int = 0, num_train: int = 2000,
-         num_val: int = 300, schedule: dict = DEMO_SCHEDULE, jobs: int = 2, num_pictures: int = 6) -> str:
+         num_val: int = 300, schedule: dict = DEMO_SCHEDULE, jobs: int = 2, num_pictures: int = 6,
+         compare: bool = False, picture: str | None = None, num_scenes: int = 200) -> str:
     """The whole demo (see the module docstring); returns the table it prints."""
     start = time.time()
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    print(f"1. writing the shapes world ({num_train} training and {num_val} validation scenes) to {out_dir}/world")
+    runs = RUNS + (COMPARE_RUNS if compare else [])
+    print(f"1. writing the shapes world ({num_train} training and {num_val} validation scenes) to {out_dir}/world",
+          flush=True)
     root = write_world(os.path.join(out_dir, 'world'), num_train, num_val, seed)
     meta = read_checkpoint(checkpoint)
     quality = meta['history'][-1]
     print(f"2. the pretrained tiny CLIP: {checkpoint}, made by `{meta.get('command', '?')}`; zero-shot quality "
           f"before any segmentation training: image {quality['image']:.2f}, patch {quality['patch']:.2f} "
-          f"(chance {1 / len(CLASSES):.2f})")
+          f"(chance {1 / len(CLASSES):.2f}), pattern {quality['pattern']:.2f} (chance {1 / len(TEMPLATES):.2f})")
     weights = write_clip_weights(out_dir, checkpoint, seed)
-    print(f"3. training OTSeg on the seen classes' masks ({schedule['iters']} steps of {schedule['batch_size']} "
-          f"images; {jobs} run(s) at a time)", flush=True)
+    print(f"3. training OTSeg on the seen classes' masks ({len(runs)} runs of {schedule['iters']} steps of "
+          f"{schedule['batch_size']} images, {jobs} at a time)", flush=True)
     train = []
-    for name, clip_name, matching in RUNS:
+    for name, clip_name, matching in runs:
         run_dir = os.path.join(out_dir, name)
         argv = [sys.executable, 'train.py', '--dataset', 'shapes', '--setting', 'inductive', '--data-root', root,
                 '--clip-weights', weights[clip_name], '--matching', matching, '--output-dir', run_dir,
                 '--iters', str(schedule['iters']), '--batch-size', str(schedule['batch_size']),
                 '--micro-batch', str(schedule['batch_size']), '--lr', str(schedule['lr']),
                 '--warmup-iters', str(schedule['warmup_iters']), '--prompt-tokens', str(schedule['prompt_tokens']),
-                '--seed', str(seed), '--workers', '0', '--device', 'cpu', '--log-every', '50',
+                '--seed', str(seed), '--workers', '0', '--device', 'cpu', '--log-every', str(max(1, schedule['iters'] // 4)),
                 '--save-every', str(schedule['iters'])]
         os.makedirs(run_dir, exist_ok=True)
-        train.append((f"train.py {name}", argv, os.path.join(run_dir, 'train.log')))
+        progress = os.path.join(run_dir, 'log.jsonl')
+        if os.path.exists(progress):
+            os.remove(progress)  # train.py appends; a rerun's progress starts afresh
+        train.append((f"train.py {name}", argv, os.path.join(run_dir, 'train.log'), progress))
     run_commands(train, jobs)
     print("4. evaluate.py on all classes of the validation scenes, with pictures", flush=True)
     pictures = os.path.join(out_dir, 'pictures')
     evaluations = []
-    for name, _, _ in RUNS:
+    for name, _, _ in runs:
         run_dir = os.path.join(out_dir, name)
         argv = [sys.executable, 'evaluate.py', '--checkpoint', os.path.join(run_dir, 'ckpt.pt'), '--data-root', root,
                 '--device', 'cpu', '--workers', '0', '--output-json', os.path.join(run_dir, 'eval.json')]
-        if name.endswith('sinkhorn'):
+        if name == 'pretrained-sinkhorn':
             argv += ['--visualize', os.path.join(pictures, name), '--num-visualize', str(num_pictures)]
-        evaluations.append((f"evaluate.py {name}", argv, os.path.join(run_dir, 'eval.log')))
+        evaluations.append((f"evaluate.py {name}", argv, os.path.join(run_dir, 'eval.log'), None))
     run_commands(evaluations, jobs)
     overview = overview_picture(os.path.join(pictures, 'overview.png'), root, {
         'pretrained CLIP\nOTSeg': (os.path.join(out_dir, 'pretrained-sinkhorn', 'ckpt.pt'), 'OTSeg'),
         'pretrained CLIP\nOTSeg+': (os.path.join(out_dir, 'pretrained-sinkhorn', 'ckpt.pt'), 'OTSeg+'),
         'random CLIP\nOTSeg': (os.path.join(out_dir, 'random-sinkhorn', 'ckpt.pt'), 'OTSeg'),
         'random CLIP\nOTSeg+': (os.path.join(out_dir, 'random-sinkhorn', 'ckpt.pt'), 'OTSeg+')}, num_pictures)
+    print(f"5. what the prompts do: per-prompt maps of the pretrained OTSeg on {num_scenes} fresh scenes", flush=True)
+    model = build_model_from_checkpoint(read_otseg_checkpoint(os.path.join(out_dir, 'pretrained-sinkhorn', 'ckpt.pt')),
+                                        None, torch.device('cpu')).eval()
+    images, labels, parts = specialisation_scenes(seed, num_scenes)
+    cosine, after = visualize.prompt_score_maps(model, images, CLASSES)  # (B, K, N, h, w) each
+    measured = {name: prompt_specialisation(maps, labels, parts, model.templates)
+                for name, maps in (('cosine', cosine), ('mps', after))}
+    with torch.no_grad():
+        measured['agreement'] = dict(text=prompt_agreement(model.text_embeddings(CLASSES)),
+                                     queries=prompt_agreement(model.encode(images, CLASSES)[1]))
+    prompts = prompts_picture(os.path.join(pictures, 'prompts.png'), cosine, after, images, labels, parts,
+                              model.templates)
+    if picture:
+        os.makedirs(os.path.dirname(os.path.abspath(picture)), exist_ok=True)
+        shutil.copyfile(prompts, picture)
     results = {}
-    for name, _, _ in RUNS:
+    for name, _, _ in runs:
         with open(os.path.join(out_dir, name, 'eval.json')) as f:
             results[name] = json.load(f)['results']
-    table = results_table(results, seed)
+    table = results_table(results, seed) + '\n\n' + specialisation_table(
+        measured['cosine'], measured['mps'], measured['agreement'], num_scenes, len(model.templates))
     with open(os.path.join(out_dir, 'results.txt'), 'w') as f:
         f.write(table + '\n')
+    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(dict(seed=seed, results=results, prompts=measured), f, indent=1)
     print('\n' + table + '\n')
-    print(f"pictures: {overview} (scenes with an unseen colour: truth and predictions in the classes' own colours)")
-    print(f"          {pictures}/*/ (evaluate.py --visualize: image | truth | OTSeg+ prediction, and the "
-          f"per-prompt score maps)")
-    print(f"table: {out_dir}/results.txt; logs and checkpoints: {out_dir}/*/")
+    print(f"pictures: {prompts} (paper Fig. 5: each prompt's map on unseen objects, before and after MPS)"
+          + (f", copied to {picture}" if picture else ''))
+    print(f"          {overview} (scenes with an unseen colour: truth and predictions in the classes' own colours)")
+    print(f"          {pictures}/pretrained-sinkhorn/ (evaluate.py --visualize: image | truth | OTSeg+ prediction, "
+          f"and the per-prompt score maps)")
+    print(f"table: {out_dir}/results.txt (and .json); logs and checkpoints: {out_dir}/*/")
     print(f"total time: {time.time() - start:.0f} s")
     return table
 
@@ -551,6 +758,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--iters", type=int, default=DEMO_SCHEDULE['iters'], help="OTSeg training steps")
     group.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time")
     group.add_argument("--num-pictures", type=int, default=6)
+    group.add_argument("--compare", action="store_true",
+                       help="also train the softmax baseline (paper Table 5(b)) and add it to the table")
+    group.add_argument("--picture", default=None,
+                       help="also write the per-prompt picture (paper Fig. 5) here, e.g. assets/shapes_prompts.png")
     group = parser.add_argument_group("pretrain")
     group.add_argument("--steps", type=int, default=600, help="600 made the shipped checkpoint (2,000 did worse)")
     group.add_argument("--batch-size", type=int, default=128)
@@ -563,7 +774,7 @@ def main(args) -> None:
         torch.set_num_threads(args.threads)
     if args.command == "demo":
         demo(args.out, args.checkpoint, args.seed, args.num_train, args.num_val,
-             dict(DEMO_SCHEDULE, iters=args.iters), args.jobs, args.num_pictures)
+             dict(DEMO_SCHEDULE, iters=args.iters), args.jobs, args.num_pictures, args.compare, args.picture)
     elif args.command == "world":
         root = args.root or os.path.join(args.out, 'world')
         write_world(root, args.num_train, args.num_val, args.seed)

@@ -43,8 +43,9 @@ ever received a gradient): 1.4 MB instead of 14. `clip_state_dict` rebuilds a pl
 it (the other rows zero), which clip.build_model and clip.load read.
 
 Notation: B batch, K classes, N prompts, M pixels (h*w tokens), C channels.
-Run: `python shapes.py` (the demo, about 3 minutes on 2 cores), `python shapes.py pretrain --steps 600`
-(about 6 minutes), `python shapes.py world --root DIR` (only the world).
+Run: `python shapes.py` (the demo, a few minutes on 2 cores), `python shapes.py --compare` (with the softmax
+baseline), `python shapes.py pretrain --steps 600` (about 10 minutes on one core), `python shapes.py world
+--root DIR` (only the world).
 """
 import argparse
 import json
@@ -507,6 +508,7 @@ def results_table(results: dict[str, dict], seed: int) -> str:
 
 
 BACKGROUND = (40, 40, 40)  # how the pictures paint background pixels (not a class: ignored, as VOC's)
+PATTERN_COLOURS = {'plain': (230, 230, 230), 'striped': (240, 150, 40), 'dotted': (60, 200, 230)}  # "its patterns"
 
 
 def paint(label: np.ndarray) -> np.ndarray:
@@ -633,19 +635,21 @@ def prompts_picture(path: str, cosine: torch.Tensor, after: torch.Tensor, images
                 chosen.append((i, k, [PATTERNS[p - 1] for p in drawn]))
     N = len(templates)
     names = [PATTERNS[p] for p in prompt_patterns(templates)]
-    columns = ['scene'] + [f'cosine: {n}' for n in names] + [f'MPS: {n}' for n in names]
+    columns = ['scene', 'its patterns'] + [f'cosine: {n}' for n in names] + [f'MPS: {n}' for n in names]
+    pattern_colours = np.array([BACKGROUND] + [PATTERN_COLOURS[p] for p in PATTERNS], dtype=np.uint8)
     header, gap, left = 30, 6, 120
     canvas = Image.new('RGB', (left + len(columns) * (tile + gap), header + len(chosen) * (tile + gap)), 'white')
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(columns):
         draw.text((left + c * (tile + gap) + 2, header - 14), title, fill='black')
-    draw.text((left + (tile + gap) * 1 + 2, 2), 'before transport: S^i', fill='black')
-    draw.text((left + (tile + gap) * (1 + N) + 2, 2), 'after MPS: M N T^i S^i', fill='black')
+    draw.text((left + (tile + gap) * 2 + 2, 2), 'before transport: S^i', fill='black')
+    draw.text((left + (tile + gap) * (2 + N) + 2, 2), 'after MPS: M N T^i S^i', fill='black')
     for r, (i, k, drawn) in enumerate(chosen):
         y = header + r * (tile + gap)
         draw.text((2, y + tile // 2 - 12), f"{CLASSES[k]} (unseen)\n{' and '.join(drawn)}", fill='black')
-        tiles = [visualize.denormalize(images[i])] + [visualize.heatmap(maps[i, k, n])
-                                                     for maps in (cosine, after) for n in range(N)]
+        drawn_here = torch.where(labels[i] == k + 1, parts[i], 0).numpy()  # the object's halves, 0 elsewhere
+        tiles = [visualize.denormalize(images[i]), Image.fromarray(pattern_colours[drawn_here])]
+        tiles += [visualize.heatmap(maps[i, k, n]) for maps in (cosine, after) for n in range(N)]
         for c, picture in enumerate(tiles):
             canvas.paste(picture.resize((tile, tile), Image.NEAREST), (left + c * (tile + gap), y))
     canvas.save(path)
@@ -763,7 +767,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--picture", default=None,
                        help="also write the per-prompt picture (paper Fig. 5) here, e.g. assets/shapes_prompts.png")
     group = parser.add_argument_group("pretrain")
-    group.add_argument("--steps", type=int, default=600, help="600 made the shipped checkpoint (2,000 did worse)")
+    group.add_argument("--steps", type=int, default=600, help="600 made the shipped checkpoint")
     group.add_argument("--batch-size", type=int, default=128)
     group.add_argument("--lr", type=float, default=1e-3)
     return parser

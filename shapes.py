@@ -118,12 +118,14 @@ def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, max_objects: 
 
     Every object is made of two halves, cut by a random line through its centre, each with its own
     pattern (the same one or not), drawn from `pattern_rng` (default: rng): the same rng state with
-    another pattern_rng gives the same scene with other patterns. Returns image uint8 (size, size, 3), label uint8 (size, size) with
-    0 = background and k + 1 = class k (the VOC convention, reduce_zero_label), parts uint8 (size, size)
-    with 0 = background and p + 1 = PATTERNS[p] drawn there, and the objects drawn: dicts with colour,
-    shape and patterns (the two halves'). Objects never overlap, so every object drawn is visible and
-    named in the caption.
+    another pattern_rng gives the same scene with other patterns.
+
+    Returns image uint8 (size, size, 3), label uint8 (size, size) with 0 = background and k + 1 = class k
+    (the VOC convention, reduce_zero_label), parts uint8 (size, size) with 0 = background and p + 1 =
+    PATTERNS[p] drawn there, and the objects drawn: dicts with colour, shape and patterns (the two
+    halves'). Objects never overlap, so every object drawn is visible and named in the caption.
     """
+    pattern_rng = rng if pattern_rng is None else pattern_rng
     # background: smooth grey-brown clouds (low-frequency noise, little saturation)
     clouds = rng.uniform(60, 150, (4, 4, 1)) + rng.uniform(-15, 15, (4, 4, 3))
     clouds = Image.fromarray(np.clip(clouds, 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
@@ -143,13 +145,13 @@ def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, max_objects: 
         else:
             continue
         k = int(rng.integers(len(CLASSES)))
-        patterns = [int(p) for p in (pattern_rng or rng).integers(len(PATTERNS), size=2)]
-        cut = (pattern_rng or rng).uniform(0, 2 * math.pi)
+        patterns = [int(p) for p in pattern_rng.integers(len(PATTERNS), size=2)]
+        cut = pattern_rng.uniform(0, 2 * math.pi)
         second = (x - centre[0]) * math.cos(cut) + (y - centre[1]) * math.sin(cut) > 0  # one side of the cut
         colour = np.array(COLOURS[CLASSES[k]], dtype=np.float32) * rng.uniform(0.85, 1.05)
         shade = colour * 0.55
         for half, p in zip((~second, second), patterns):
-            fill = np.where(pattern_mask(PATTERNS[p], size, pattern_rng or rng)[..., None], colour, shade)
+            fill = np.where(pattern_mask(PATTERNS[p], size, pattern_rng)[..., None], colour, shade)
             image = np.where((mask & half)[..., None], fill, image)
             parts[mask & half] = p + 1
         label[mask] = k + 1
@@ -170,6 +172,11 @@ def caption(objects: list[dict], rng: np.random.Generator) -> str:
     phrases = [phrases[i] for i in order]
     body = phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
     return ['a photo of ', 'a picture of ', 'an image of ', ''][rng.integers(4)] + body + '.'
+
+
+def prompt_patterns(templates: list[str]) -> list[int]:
+    """Index in PATTERNS of the pattern each template names."""
+    return [next(p for p, pattern in enumerate(PATTERNS) if pattern in t.split()) for t in templates]
 
 
 def world_words() -> list[str]:
@@ -281,14 +288,6 @@ def pretraining_loss(model: CLIP, images: torch.Tensor, tokens: torch.Tensor,
             + multi_positive_loss(scale * grounding, positives))
 
 
-@torch.no_grad()
-def class_text_embeddings(model: CLIP, names: list[str] = CLASSES) -> torch.Tensor:
-    """(K, C): the templates' embeddings of each class, averaged over the N templates, unit length."""
-    texts = [t.format(name) for name in names for t in TEMPLATES]
-    text = F.normalize(encode_captions(model, tokenize(texts)), dim=-1).view(len(names), len(TEMPLATES), -1)
-    return F.normalize(text.mean(dim=1), dim=-1)  # (K, N, C) -> (K, C)
-
-
 def patch_majority(labels: torch.Tensor, patch: int, purity: float = 0.7) -> torch.Tensor:
     """(B, H, W) labels -> (B, M) class of each patch (k + 1 as in the labels), 0 where the patch is
     background or mixed (its most frequent label covers less than `purity`)."""
@@ -328,7 +327,7 @@ def zero_shot_quality(model: CLIP, images: torch.Tensor, labels: torch.Tensor, p
     pure = inside & (patterns > 0)
     own = prompts[classes[pure].long() - 1]  # (P, N, C): the templates of each pure patch's true class
     named = torch.einsum('pc,pnc->pn', tokens[pure], own).argmax(dim=-1)  # (P,)
-    template_pattern = torch.tensor([next(i for i, p in enumerate(PATTERNS) if p in t) for t in TEMPLATES])
+    template_pattern = torch.tensor(prompt_patterns(TEMPLATES))  # (N,) the pattern each template names
     return dict(image=float(np.mean(hits)), patch=float((predicted[inside] == classes[inside]).float().mean()),
                 pattern=float((template_pattern[named] + 1 == patterns[pure].long()).float().mean()))
 
@@ -448,11 +447,11 @@ def progress_lines(path: str, offset: int, title: str) -> int:
     the new offset. Only whole lines are read: a record being written is left for the next call."""
     if not os.path.isfile(path):
         return offset
-    with open(path) as f:
+    with open(path, 'rb') as f:  # bytes: offsets are exact
         f.seek(offset)
         text = f.read()
-    complete = text[:text.rfind('\n') + 1]
-    for line in complete.splitlines():
+    complete = text[:text.rfind(b'\n') + 1]
+    for line in complete.decode().splitlines():
         record = json.loads(line)
         if 'loss' in record:
             print(f"  {title}: step {record['step']}, loss {record['loss']:.3f}, "
@@ -550,15 +549,10 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
     return path
 
 
-# What the prompts do. Each template names a pattern ("a striped {} shape."), and every object is made of
-# two halves, often of two patterns. Before transport, each prompt's cosine map S^i lights the whole
-# object (the colour dominates every prompt's embedding); after MPS, M N T^i S^i shows the pixels the plan
-# gave each prompt (paper Fig. 5). Measured on fresh scenes, whose pattern of every pixel is known.
-
-def prompt_patterns(templates: list[str]) -> list[int]:
-    """Index in PATTERNS of the pattern each template names."""
-    return [next(p for p, pattern in enumerate(PATTERNS) if pattern in t.split()) for t in templates]
-
+# What the prompts do. Each template names a pattern ("a striped {} shape.") and every object is made of
+# two halves, often of two patterns, so the world knows which prompt ought to win at each pixel. A class's
+# per-prompt maps before transport (the cosines S^i) and after MPS (M N T^i S^i, paper Fig. 5) are compared
+# on fresh scenes, whose pattern at every pixel is known.
 
 def specialisation_scenes(seed: int, count: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh scenes for the prompt measurements: normalised images (B, 3, H, W), labels and parts (B, H, W)."""

@@ -44,7 +44,7 @@ it (the other rows zero), which clip.build_model and clip.load read.
 
 Notation: B batch, K classes, N prompts, M pixels (h*w tokens), C channels.
 Run: `python shapes.py` (the demo, a few minutes on 2 cores), `python shapes.py --compare` (with the softmax
-baseline), `python shapes.py pretrain --steps 600` (about 10 minutes on one core), `python shapes.py world
+baseline), `python shapes.py pretrain --steps 600` (about 7 minutes on one core), `python shapes.py world
 --root DIR` (only the world).
 """
 import argparse

@@ -207,9 +207,20 @@ def test_demo_end_to_end(tmp_path):
     assert result.stdout.count('train.py pretrained-sinkhorn: step') == 4  # progress while training (every step here)
     rows = [line for line in table.splitlines() if line.startswith(('pretrained', 'random init'))]
     assert len(rows) == 6
-    for row in rows:  # three numbers, each a percentage (or nan)
+    # Each row against evaluate.py's own report of that run, recomputed from its per-class IoU: the means
+    # over seen and unseen classes and their harmonic mean. Seen classes are labelled in the validation
+    # scenes, so mIoU(S) is a number, never NaN.
+    runs = ['pretrained-sinkhorn'] * 2 + ['pretrained-softmax'] * 2 + ['random-sinkhorn'] * 2
+    for row, run, key in zip(rows, runs, ['OTSeg', 'OTSeg+'] * 3):
+        report = shapes.json.loads((out / run / 'eval.json').read_text())
+        iou = np.array([np.nan if x is None else x for x in report['results'][key]['iou']], dtype=float)
+        unseen = np.isin(np.arange(len(iou)), shapes.UNSEEN)
+        seen_mean = np.nanmean(iou[~unseen])
+        unseen_mean = np.nanmean(iou[unseen]) if not np.isnan(iou[unseen]).all() else np.nan
+        expected = [seen_mean, unseen_mean, 2 * seen_mean * unseen_mean / (seen_mean + unseen_mean)]
         numbers = [float(x) for x in row.split()[-3:]]
-        assert all(0 <= x <= 100 or np.isnan(x) for x in numbers), row
+        assert not np.isnan(numbers[0]), row
+        assert np.allclose(numbers, expected, atol=0.051, equal_nan=True), (row, expected)
     measured = shapes.json.loads((out / 'results.json').read_text())['prompts']
     for maps in ('cosine', 'mps'):
         assert -1 <= measured[maps]['correlation'] <= 1 and 0 <= measured[maps]['share'] <= 1, measured

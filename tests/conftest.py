@@ -1,6 +1,12 @@
-"""Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU."""
+"""Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU, and the fixtures that
+several test files use (generated datasets, a small checkpoint in train.py's format)."""
 import pytest
 import torch
+
+import checkpoint
+import data
+import data_tools
+from model import OTSeg, trainable_parameters
 
 
 def pytest_collection_modifyitems(config, items):
@@ -10,3 +16,44 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The transforms run in DataLoader workers, which use one thread each; so do the data tests (on a busy
+    2-core machine two threads make the per-pixel HSV work ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fake_roots(tmp_path_factory):
+    """Every dataset of data.py generated in its real on-disk layout: {name: root}."""
+    base = tmp_path_factory.mktemp("fake")
+    return {name: data_tools.make_fake_dataset(name, str(base), seed=i) for i, name in enumerate(data.DATASETS)}
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint(tmp_path_factory):
+    """make(prompt_tokens, num_templates, random_head) -> (path, model): a random-tiny OTSeg saved in
+    train.py's checkpoint format, VOC inductive at 64 px. random_head draws the trained weights from
+    N(0, 1), far from any initialisation, so that a loading mistake cannot go unseen."""
+    def make(prompt_tokens: int = 4, num_templates: int = 3, random_head: bool = False):
+        torch.manual_seed(0)
+        preset = data.get_preset("voc", 64)
+        clip_model = checkpoint.build_clip("random-tiny", prompt_tokens, 64, torch.device("cpu"))
+        model = OTSeg(clip_model, preset["templates"][:num_templates]).eval()
+        if random_head:
+            for _, p in trainable_parameters(model):
+                p.data.normal_()
+        ckpt = dict(format=checkpoint.FORMAT, model=checkpoint.trainable_state_dict(model),
+                    clip=checkpoint.describe_clip(clip_model, "random-tiny"), templates=model.templates,
+                    matching="sinkhorn", dataset="voc", setting="inductive", classes=list(preset["classes"]),
+                    unseen=list(preset["unseen"]), crop_size=64, window=dict(crop=[64, 64], stride=[40, 40]),
+                    step=0, args={}, schedule={})
+        path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+        checkpoint.atomic_save(ckpt, str(path))
+        return str(path), model
+    return make

@@ -37,22 +37,9 @@ def expect_error(tmp_path, match: str | tuple[str, ...], *argv):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint in train.py's format: a random-tiny model with weights no init gives, VOC inductive."""
-    torch.manual_seed(0)
-    preset = data.get_preset("voc", 64)
-    clip_model = checkpoints.build_clip("random-tiny", PROMPT_TOKENS, 64, CPU)
-    model = OTSeg(clip_model, preset["templates"]).eval()
-    for _, p in trainable_parameters(model):
-        p.data.normal_()
-    ckpt = dict(format=checkpoints.FORMAT, model=checkpoints.trainable_state_dict(model),
-                clip=checkpoints.describe_clip(clip_model, "random-tiny"), templates=model.templates,
-                matching="sinkhorn", dataset="voc", setting="inductive", classes=list(preset["classes"]),
-                unseen=list(preset["unseen"]), crop_size=64, window=dict(crop=[64, 64], stride=[40, 40]),
-                step=0, args={}, schedule={})
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    checkpoints.atomic_save(ckpt, str(path))
-    return str(path), model
+def checkpoint(make_tiny_checkpoint):
+    """A random-tiny model with weights no initialisation gives, VOC inductive, every template."""
+    return make_tiny_checkpoint(prompt_tokens=PROMPT_TOKENS, num_templates=len(data.TEMPLATES["N6"]), random_head=True)
 
 
 @pytest.fixture(scope="module")

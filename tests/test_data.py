@@ -15,21 +15,7 @@ from torchvision.transforms import v2
 import data
 import data_tools
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The transforms run in DataLoader workers, which use one thread each; so do these tests (on a busy
-    2-core machine two threads make the per-pixel HSV work ten times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def fake_roots(tmp_path_factory):
-    base = tmp_path_factory.mktemp('fake')
-    return {name: data_tools.make_fake_dataset(name, str(base), seed=i) for i, name in enumerate(data.DATASETS)}
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
 @pytest.fixture

@@ -14,21 +14,8 @@ from PIL import Image
 import data
 import data_tools
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def fake_roots(tmp_path_factory):
-    base = tmp_path_factory.mktemp('fake')
-    return {name: data_tools.make_fake_dataset(name, str(base), seed=i) for i, name in enumerate(('voc', 'context', 'ade'))}
 
 
 @pytest.fixture

@@ -56,20 +56,9 @@ def fake_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint in train.py's format: a random-tiny model trained on nothing, VOC inductive."""
-    torch.manual_seed(0)
-    preset = data.get_preset("voc", 64)
-    clip_model = checkpoints.build_clip("random-tiny", 4, 64, CPU)
-    model = OTSeg(clip_model, preset["templates"][:3]).eval()
-    ckpt = dict(format=checkpoints.FORMAT, model=checkpoints.trainable_state_dict(model),
-                clip=checkpoints.describe_clip(clip_model, "random-tiny"), templates=model.templates,
-                matching="sinkhorn", dataset="voc", setting="inductive", classes=list(preset["classes"]),
-                unseen=list(preset["unseen"]), crop_size=64, window=dict(crop=[64, 64], stride=[40, 40]),
-                step=0, args={}, schedule={})
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    checkpoints.atomic_save(ckpt, str(path))
-    return str(path), model
+def checkpoint(make_tiny_checkpoint):
+    """A random-tiny model trained on nothing, VOC inductive, 3 prompts."""
+    return make_tiny_checkpoint(prompt_tokens=4, num_templates=3)
 
 
 # ----------------------------------------------------------------------------------------------

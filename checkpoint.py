@@ -110,6 +110,8 @@ def atomic_save(obj: dict, path: str) -> None:
 
 def read_checkpoint(path: str) -> dict:
     """A checkpoint of this project, or the release's MMSegmentation file (converted by the caller)."""
+    if os.path.isdir(path):
+        sys.exit(f"error: {path} is a folder; give the checkpoint file in it (e.g. {os.path.join(path, 'ckpt.pt')})")
     if not os.path.isfile(path):
         sys.exit(f"error: no checkpoint at {path}")
     try:

@@ -453,7 +453,7 @@ def missing_weights_message(path: str) -> str:
             f"    {WEIGHTS_URL}\n"
             f"(sha256 {WEIGHTS_SHA256}) and put it at {DEFAULT_WEIGHTS} (where OpenAI's own code keeps it), "
             f"or pass its path (--clip-weights to train.py and evaluate.py, --weights to clip.py).\n"
-            f"`python -c \"import clip; clip.download()\"` downloads and checks it.")
+            f"`python -c \"import clip; clip.download()\"`, run in this project's folder, downloads and checks it.")
 
 
 # OpenAI ships its weights as TorchScript archives: a zip holding the model's code (`code/`), a

@@ -418,7 +418,7 @@ def check_arguments(args) -> tuple[torch.Tensor | None, list[str] | None]:
                                ("--window-batch", args.window_batch, 1), ("--crop-size", args.crop_size, 1)):
         if value is not None and value < least:
             sys.exit(f"error: {flag} must be at least {least}, not {value}")
-    if bool(args.image) != bool(args.classes):
+    if (args.image is None) != (args.classes is None):  # --classes "" reaches parse_classes' own message
         sys.exit('error: --image and --classes go together, e.g. --image cat.jpg --classes "cat,grass,sky"')
     for flag, path in (("--output-json", args.output_json), ("--convert", args.convert)):
         if path:

@@ -1,7 +1,8 @@
 """train.py -- train OTSeg with the paper's protocol, on one device or many with torchrun.
 
 One plain loop (nanoGPT's shape): options, distributed set-up, data, model, loop. The schedule of the
-authors' release (docs/release.md, "Optimisation") is the table SCHEDULES below; it is printed at the
+authors' release (docs/release.md, "Optimisation") is SCHEDULE below (optimiser, learning rate, batch,
+loss weights) with one row of SCHEDULES per dataset (iterations, prompt tokens); it is printed at the
 start and saved into every checkpoint, so evaluate.py needs nothing from this file.
 
 Single process (one GPU, or the CPU):
@@ -133,7 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt-tokens", type=int, default=None, help="VPT tokens per layer (preset: 10 or 100)")
     group.add_argument("--implicit-grad", action="store_true",
                        help="memory-light Sinkhorn backward through the converged plan (the release unrolls)")
-    group = parser.add_argument_group("schedule overrides (default: the preset, see SCHEDULES)")
+    group = parser.add_argument_group("schedule overrides (default: SCHEDULE and the dataset's row of SCHEDULES)")
     group.add_argument("--iters", type=int, default=None, help="optimizer steps")
     group.add_argument("--batch-size", type=int, default=None, help="global batch (16)")
     group.add_argument("--micro-batch", type=int, default=None,

@@ -512,7 +512,7 @@ def plan_scoring(args, ckpt: dict, source: dict, crop_size: int | None) -> dict:
         dataset = data.SegmentationDataset(target, args.data_root, "val", "fully",
                                            transform=data.test_transform(target))
     except data.DatasetError as error:
-        sys.exit(f"error: --data-root {args.data_root}: {error}")
+        sys.exit(f"error: --data-root: {error}")
     window, origin = evaluation_window(ckpt, name, args.window_stride)
     unseen = [] if cross else list(target["unseen"])
     calibrate = ckpt["setting"] == "inductive" and not cross  # as decode_seg.py; across datasets nothing is seen

@@ -287,7 +287,7 @@ def test_bad_class_lists_images_and_output_paths(checkpoint, fake_root, tmp_path
                  "--output-json", tmp_path / "missing" / "x.json")
     expect_error(tmp_path, "--window-stride 65 exceeds the window (64 pixels", *score, "--window-stride", 65,
                  "--output-json", tmp_path / "x.json")
-    expect_error(tmp_path, f"--data-root {tmp_path / 'typo'}", *score[:2], "--data-root", tmp_path / "typo",
+    expect_error(tmp_path, f"--data-root: data root {tmp_path / 'typo'}", *score[:2], "--data-root", tmp_path / "typo",
                  "--clip-weights", tmp_path / "not_downloaded_yet.pt")  # the cheap mistake is found first
     expect_error(tmp_path, "--visualize", *score, "--visualize", tmp_path / "in" / "photo.png")
     expect_error(tmp_path, "nothing to do", "--checkpoint", path)

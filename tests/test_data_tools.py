@@ -150,7 +150,6 @@ def test_command_line_errors_are_one_line(small_voc, tmp_path, monkeypatch):
     split_file = Path(small_voc) / 'ImageSets/Segmentation/val.txt'
     empty = tmp_path / 'empty'
     empty.mkdir()
-    bad_label = tmp_path / 'VOC2010' / 'SegmentationClassContext'
     cases = [
         (['fake', str(tmp_path), '--dataset', 'voc'], str(Path(small_voc))),          # not empty
         (['stats', '--data-root', str(tmp_path / 'nowhere')], str(tmp_path / 'nowhere')),

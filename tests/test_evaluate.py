@@ -2,7 +2,6 @@
 vs two-process evaluation, the release's cross-dataset settings, what `--image` and `--visualize` draw,
 and user errors as one line. CPU, small random CLIP, generated data.
 """
-import copy
 import json
 import math
 import os
@@ -15,11 +14,9 @@ import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
-import checkpoint as checkpoints  # the module; `checkpoint` is the fixture below
 import data
 import data_tools
 import evaluate
-from model import OTSeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")

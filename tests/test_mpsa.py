@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from mpsa import MATCHINGS, MPSADecoder, MultiPromptAttention, sinkhorn_matching, softmax_mask_logits
-from sinkhorn import mps
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-4):

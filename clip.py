@@ -618,13 +618,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+BICUBIC = 3  # pillow's Image.BICUBIC, named here so that this file needs no pillow import
+
+
 def preprocess(image, size: int = 224) -> torch.Tensor:
     """OpenAI's preprocessing of a PIL image -> (3, size, size): short side to `size` (bicubic),
     centre crop, RGB, CLIP's mean and std (OTSeg itself uses ImageNet's statistics, see data.py)."""
-    from PIL import Image  # only the demonstration needs pillow (it comes with torchvision)
     w, h = image.size
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    image = image.resize((new_w, new_h), Image.BICUBIC)
+    image = image.resize((new_w, new_h), resample=BICUBIC)
     left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)  # (H, W, 3)
@@ -668,7 +670,7 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}")
     summary(architecture(model.state_dict()))
     if opts.image:
-        from PIL import Image
+        from PIL import Image  # the demonstration alone opens image files (pillow comes with torchvision)
         classes = [c.strip() for c in opts.classes.split(",")]
         image = preprocess(Image.open(opts.image), size=model.visual.input_resolution)[None]  # (1, 3, H, W)
         with torch.no_grad():

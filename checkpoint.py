@@ -12,29 +12,41 @@ rebuild the rest:
     dataset, setting, classes, unseen, crop_size, window (the sliding window of evaluation)
     step, args, schedule, optimizer, rng, best      (train.py's own, for --resume)
 
-`build_model_from_checkpoint` turns that back into an OTSeg: it rebuilds the CLIP from the weights file
+`make_checkpoint` builds that dict (train.py, the release's converter and the tests all call it);
+`save_checkpoint` gathers the random states of every process and writes it; `check_resume` says
+whether a run may continue from one. `build_model_from_checkpoint` turns that back into an OTSeg: it rebuilds the CLIP from the weights file
 (OpenAI's `ViT-B-16.pt`, or 'random-tiny' for trials without downloads), checks that it is the one the
-checkpoint was trained with, and loads the trained weights. The second half of the file reads the
-authors' released MMSegmentation checkpoints into this format (see docs/release.md).
+checkpoint was trained with, and loads the trained weights. The second part of the file reads the
+authors' released MMSegmentation checkpoints into this format (see docs/release.md); the last reads
+OpenAI's CLIP weights (a TorchScript archive) without running any code from the file.
 
 This is the plumbing of the programs (train.py, evaluate.py): a file a user gave that does not fit
-(unreadable, another model, another CLIP, another dataset) ends the program with one line
-`error: ...` that names it and says what to do.
+(unreadable, another model, another CLIP, another dataset) raises CheckpointError, whose message names
+it and says what to do; the programs print it as one line `error: ...`.
 """
 import hashlib
+import io
 import os
+import pickle
 import re
 import sys
+import zipfile
+from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import clip
 import data
-from common import print0
+from common import atomic_save, print0
 from model import OTSeg, trainable_parameters
 
 FORMAT = "otseg-reference/1"  # written into every checkpoint of this project
+
+
+class CheckpointError(Exception):
+    """A checkpoint or weights file that cannot be used, with a message that names it and says what to do."""
 
 
 def build_clip(weights: str, prompt_tokens: int, image_size: int, device: torch.device) -> clip.CLIP:
@@ -45,9 +57,14 @@ def build_clip(weights: str, prompt_tokens: int, image_size: int, device: torch.
             state_dict = clip.CLIP(**clip.TINY).state_dict()
         return clip.build_model(state_dict, prompt_tokens, image_size).to(device)
     try:
-        return clip.load(weights, prompt_tokens=prompt_tokens, image_size=image_size, device=device)
-    except (FileNotFoundError, ValueError) as error:  # clip.load's messages name the file and what to do
-        sys.exit("error: --clip-weights: " + " ".join(str(error).split()))
+        state_dict = read_clip_weights(weights)
+        model = clip.build_model(state_dict, prompt_tokens, image_size)
+    except CheckpointError as error:  # the message names the file and what to do
+        raise CheckpointError("--clip-weights: " + " ".join(str(error).split())) from error
+    except Exception as error:  # tensors that are no CLIP
+        raise CheckpointError(f"--clip-weights: {weights} is not CLIP weights ({first_line(error)}). "
+                              + GIVE_CLIP_WEIGHTS) from error
+    return model.to(device)
 
 
 def describe_clip(clip_model: clip.CLIP, weights: str) -> dict:
@@ -59,20 +76,20 @@ def describe_clip(clip_model: clip.CLIP, weights: str) -> dict:
 
 
 def check_same_clip(saved: dict, built: dict, what: str, strict: bool = False) -> None:
-    """Exit with one clear message if `what` was trained on another CLIP or number of prompt tokens.
+    """Raise CheckpointError if `what` was trained on another CLIP or number of prompt tokens.
 
     Other frozen weights of the same sizes are a warning, or with `strict` (resuming) an error.
     """
     keys = [k for k in saved if k not in ("image_resolution", "weights", "fingerprint")]
     wrong = [f"{k} {saved[k]} (this CLIP: {built.get(k)})" for k in keys if saved[k] != built.get(k)]
     if wrong:
-        sys.exit(f"error: {what} was trained with another CLIP: " + ", ".join(wrong)
-                 + f". It was trained with --clip-weights {saved['weights']}.")
+        raise CheckpointError(f"{what} was trained with another CLIP: " + ", ".join(wrong)
+                              + f". It was trained with --clip-weights {saved['weights']}.")
     if saved["fingerprint"] != built["fingerprint"]:
         message = (f"{what} was trained with CLIP weights {saved['weights']}, whose frozen weights differ "
                    f"from those of {built['weights']}")
         if strict:
-            sys.exit(f"error: {message}")
+            raise CheckpointError(message)
         print0(f"warning: {message}: its numbers will not be reproduced")
 
 
@@ -82,50 +99,110 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(model: nn.Module, state_dict: dict, what: str) -> None:
-    """Load the trained weights, exiting with the list of differences if they do not fit."""
+    """Load the trained weights; CheckpointError with the list of differences if they do not fit."""
     params = dict(trainable_parameters(model))
     missing = sorted(set(params) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(params))
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(params[k].shape)}"
              for k in set(params) & set(state_dict) if state_dict[k].shape != params[k].shape]
     if missing or unexpected or wrong:
-        sys.exit(f"error: the weights in {what} do not fit this model: missing {missing[:5]}, "
-                 f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
+        raise CheckpointError(f"the weights in {what} do not fit this model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state_dict[name])
 
 
-def atomic_save(obj: dict, path: str) -> None:
-    """torch.save to a temporary file and rename it: a crash never leaves half a checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:  # a failed save (full disk, interrupt) leaves no temporary file behind either
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def make_checkpoint(model: dict[str, torch.Tensor], clip: dict, templates: list[str], matching: str,
+                    dataset: str, setting: str, classes: list[str], unseen: list[int], crop_size: int,
+                    window: dict, step: int | None, args: dict | None = None, schedule: dict | None = None,
+                    **more) -> dict:
+    """The checkpoint dict of this project (the module docstring); `more`: train.py's optimizer, rng, best."""
+    return dict(format=FORMAT, model=model, clip=clip, templates=list(templates), matching=matching,
+                dataset=dataset, setting=setting, classes=list(classes), unseen=list(unseen),
+                crop_size=crop_size, window={k: list(v) for k, v in window.items()}, step=step, args=args,
+                schedule=schedule, **more)
+
+
+def save(ckpt: dict, path: str) -> None:
+    """torch.save, atomically: a crash never leaves half a checkpoint."""
+    with atomic_save(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load_failure(path: str, error: Exception) -> str:
+    """Why torch.load(weights_only=True) could not read `path`, in our words (torch's text advises running
+    the file). Since torch 1.6 torch.save writes a zip; a refusal to unpickle is an UnpicklingError."""
+    if not zipfile.is_zipfile(path):
+        return "damaged, or not a file written by torch.save"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds more than tensors and plain containers, and reading it could run code"
+    return f"a damaged file: {first_line(error)}"
 
 
 def read_checkpoint(path: str) -> dict:
     """A checkpoint of this project, or the release's MMSegmentation file (converted by the caller)."""
     if os.path.isdir(path):
-        sys.exit(f"error: {path} is a folder; give the checkpoint file in it (e.g. {os.path.join(path, 'ckpt.pt')})")
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file in it (e.g. {os.path.join(path, 'ckpt.pt')})")
     if not os.path.isfile(path):
-        sys.exit(f"error: no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a torch file, or a pickle holding more than tensors and containers
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        if reason.startswith("Weights only load failed"):  # torch's refusal; its advice would be to run the code
-            reason = "it holds more than tensors and plain containers, and reading it could run code"
-        sys.exit(f"error: cannot read {path} as a checkpoint ({reason}): give a checkpoint of train.py "
-                 f"or a released OTSeg .pth")
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({load_failure(path, error)}): give a checkpoint "
+                              f"of train.py or a released OTSeg .pth") from error
     if not isinstance(ckpt, dict):
-        sys.exit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint: give a checkpoint of "
-                 f"train.py or a released OTSeg .pth")
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint: give a checkpoint of "
+                              f"train.py or a released OTSeg .pth")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: the random states of every process, and the checks a resumed run must pass
+# ----------------------------------------------------------------------------------------------
+
+MUST_MATCH_ON_RESUME = ("dataset", "setting", "num_prompts", "crop_size", "matching", "seed")
+
+
+def rng_state() -> dict:
+    """This process's random states (torch's CPU and CUDA generators: the only ones training draws from)."""
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_resume(ckpt: dict, args, schedule: dict, path: str) -> None:
+    """A run continues only with the settings it started with: one message listing what differs."""
+    saved = ckpt.get("args") or {}
+    if not saved or not ckpt.get("schedule"):
+        raise CheckpointError(f"--resume {path} is not a checkpoint of a train.py run (a converted release "
+                              "checkpoint?): give it to --init-from instead")
+    wrong = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})"
+             for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
+    wrong += [f"schedule {k} {ckpt['schedule'].get(k)} (now {v})" for k, v in schedule.items()
+              if k != "micro_batch" and ckpt["schedule"].get(k) != v]
+    if wrong:
+        raise CheckpointError(f"--resume {path} was started with other settings: " + ", ".join(wrong))
+
+
+def save_checkpoint(path: str, ckpt: dict, master: bool, world_size: int) -> None:
+    """Every process contributes its random states (ckpt['rng'], one per rank); rank 0 writes the file."""
+    states = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, rng_state())  # CPU tensors inside: pickled, whatever the backend
+    else:
+        states = [rng_state()]
+    if master:
+        save(dict(ckpt, rng=states), path)
 
 
 def build_model_from_checkpoint(ckpt: dict, clip_weights: str | None, device: torch.device) -> OTSeg:
@@ -196,8 +273,8 @@ def convert_release_state_dict(state_dict: dict, trainable: dict[str, torch.Tens
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(trainable[k].shape)}" for k, v in converted.items()
              if v.shape != trainable[k].shape]
     if unknown or missing or wrong:
-        sys.exit(f"error: not an OTSeg release checkpoint of this CLIP: unknown keys {unknown[:5]}, "
-                 f"missing {missing[:5]}, other shapes {wrong[:5]}")
+        raise CheckpointError(f"not an OTSeg release checkpoint of this CLIP: unknown keys {unknown[:5]}, "
+                              f"missing {missing[:5]}, other shapes {wrong[:5]}")
     return converted
 
 
@@ -206,13 +283,13 @@ def convert_release_checkpoint(ckpt: dict, source: str, setting: str, clip_weigh
     """A checkpoint of this project's format from the release's file (trained on `source`)."""
     state_dict = ckpt["state_dict"]
     if "backbone.prompt_embeddings" not in state_dict:
-        sys.exit("error: the release checkpoint has no visual prompts (backbone.prompt_embeddings)")
+        raise CheckpointError("the release checkpoint has no visual prompts (backbone.prompt_embeddings)")
     prompt_tokens = state_dict["backbone.prompt_embeddings"].shape[1]
     preset = data.get_preset(source)
     classes = ckpt.get("meta", {}).get("CLASSES")  # MMSegmentation writes its dataset's class names there
     if classes is not None and len(classes) != len(preset["classes"]):
-        sys.exit(f"error: the release checkpoint was trained on a dataset of {len(classes)} classes, not on "
-                 f"{source} ({len(preset['classes'])}): give its dataset as --source")
+        raise CheckpointError(f"the release checkpoint was trained on a dataset of {len(classes)} classes, not on "
+                              f"{source} ({len(preset['classes'])}): give its dataset as --source")
     clip_model = build_clip(clip_weights, prompt_tokens, preset["crop_size"], device)
     description = describe_clip(clip_model, clip_weights)
     if "backbone.conv1.weight" in state_dict:  # the release saves the frozen weights too: compare
@@ -221,8 +298,134 @@ def convert_release_checkpoint(ckpt: dict, source: str, setting: str, clip_weigh
     model = OTSeg(clip_model, preset["templates"])
     trainable = dict(trainable_parameters(model))
     converted = convert_release_state_dict(state_dict, trainable)
-    return dict(format=FORMAT, model=converted, clip=description, templates=list(preset["templates"]),
-                matching="sinkhorn", dataset=source, setting=setting, classes=list(preset["classes"]),
-                unseen=list(preset["unseen"]), crop_size=preset["crop_size"],
-                window={k: list(v) for k, v in data.window_of(preset).items()},
-                step=ckpt.get("meta", {}).get("iter"), args=None, schedule=None)
+    return make_checkpoint(converted, description, preset["templates"], "sinkhorn", source, setting,
+                           preset["classes"], preset["unseen"], preset["crop_size"], data.window_of(preset),
+                           step=ckpt.get("meta", {}).get("iter"))
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI's CLIP weights, read without running any code from the file
+# ----------------------------------------------------------------------------------------------
+# A reader who copies clip.py takes this section too, down to is_torchscript_archive (it needs only torch
+# and Python), to load OpenAI's ViT-B-16.pt: clip.build_model(read_torchscript_weights(path)).
+
+# OpenAI ships its weights as TorchScript archives: a zip holding the model's code (`code/`), a
+# pickle of the module tree (`data.pkl`) and one raw file per tensor storage (`data/0`, `data/1`, ...).
+# torch.jit.load would compile and run that code, and an ordinary unpickler calls whatever function
+# a pickle names: a weights file from an untrusted source could run anything. We read the tensors
+# with a restricted unpickler instead, which accepts only what a module tree of weights needs
+# (TorchScript's module classes, kept as plain attribute holders; tensor rebuilding; storages;
+# OrderedDict) and refuses every other global before anything is called. We prefer it to checking
+# the file's sha256 against OpenAI's published hashes and then calling torch.jit.load: it reads
+# every OpenAI ViT and any re-saved archive without a list of hashes, never runs the archive's code,
+# and does not depend on torch.jit, which PyTorch has deprecated.
+
+STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+                  "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+
+
+class ScriptObject:
+    """Stands for any class of a TorchScript archive: keeps the attributes it is given, runs nothing."""
+
+    def __setstate__(self, state):
+        self.attributes = state
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """The tensor of `torch._utils._rebuild_tensor_v2`: a view into a flat storage; checked bounds."""
+    return storage.as_strided(size, stride, offset)
+
+
+class WeightsUnpickler(pickle.Unpickler):
+    """Reads an archive's data.pkl, taking each storage from the zip; any other global is refused."""
+
+    def __init__(self, archive: zipfile.ZipFile, root: str):
+        super().__init__(io.BytesIO(archive.read(f"{root}/data.pkl")))
+        self.archive, self.root, self.storages = archive, root, {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise pickle.UnpicklingError(f"refused to load '{module}.{name}' (only tensors are read from CLIP weights)")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid  # ('storage', dtype, '0', 'cpu', numel)
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            if flat.numel() != numel:
+                raise pickle.UnpicklingError(f"storage {key} holds {flat.numel()} values, expected {numel}")
+            self.storages[key] = flat
+        return self.storages[key]
+
+
+def read_torchscript_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state dict (parameters and buffers, dotted names) of a TorchScript archive, running none of it."""
+    with zipfile.ZipFile(path) as archive:
+        roots = [name[:-len("/data.pkl")] for name in archive.namelist() if name.count("/") == 1
+                 and name.endswith("/data.pkl")]
+        if len(roots) != 1:
+            raise ValueError("no data.pkl at the top of the archive")
+        byteorder = f"{roots[0]}/byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder).strip() != sys.byteorder.encode():
+            raise ValueError(f"its tensors are stored {archive.read(byteorder).decode()}-endian")
+        tree = WeightsUnpickler(archive, roots[0]).load()
+    state_dict, pending, seen = {}, [("", tree)], set()
+    while pending:  # walk the module tree: tensors are the weights, other objects are submodules
+        prefix, node = pending.pop()
+        if id(node) in seen or not isinstance(getattr(node, "attributes", None), dict):
+            continue
+        seen.add(id(node))
+        for name, value in node.attributes.items():
+            if isinstance(value, torch.Tensor):
+                state_dict[prefix + name] = value
+            elif isinstance(value, ScriptObject):
+                pending.append((f"{prefix}{name}.", value))
+    return state_dict
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """A zip with constants.pkl: TorchScript (a torch.save file is a zip without it)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+GIVE_CLIP_WEIGHTS = (f"Give OpenAI's ViT-B-16.pt ({clip.WEIGHTS_URL}) or a state dict saved with "
+                     f"torch.save(model.state_dict()).")
+
+
+def read_clip_weights(path: str) -> dict[str, torch.Tensor]:
+    """CLIP's state dict from OpenAI's TorchScript archive (e.g. ViT-B-16.pt) or a plain state-dict file.
+
+    CheckpointError, naming the file and what to do, for a missing file and for one that is not CLIP
+    weights (damaged, another kind of file, or one that would run code when read)."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"CLIP weights not found at {path}. Download OpenAI's ViT-B/16 (about 350 MB) from {clip.WEIGHTS_URL} "
+            f"(sha256 {clip.WEIGHTS_SHA256}) and put it at {clip.DEFAULT_WEIGHTS} (where OpenAI's own code keeps "
+            f"it), or give its path. `python -c \"import clip; clip.download()\"`, run in this project's folder, "
+            f"downloads and checks it.")
+    archive = is_torchscript_archive(path)
+    try:  # torch.load with weights_only=True refuses a pickle that would run code
+        state_dict = read_torchscript_weights(path) if archive else torch.load(path, map_location="cpu",
+                                                                                weights_only=True)
+    except Exception as error:  # the archive's reader says what it refused; torch's text is put in our words
+        reason = first_line(error) if archive else load_failure(path, error)
+        raise CheckpointError(f"{path} is not CLIP weights ({reason}). {GIVE_CLIP_WEIGHTS}") from error
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} is not CLIP weights (it holds a {type(state_dict).__name__}, not a state "
+                              f"dict). {GIVE_CLIP_WEIGHTS}")
+    return state_dict

@@ -8,8 +8,8 @@ This file holds everything needed for that and nothing more:
   1. the byte-level BPE tokenizer, giving exactly OpenAI's token ids;
   2. the transformer blocks, the image tower (ViT with deep VPT) and the text tower, with parameter names
      identical to the keys of OpenAI's checkpoints;
-  3. `build_model` (every size inferred from the weights) and `load` (OpenAI's TorchScript archive or a
-     plain state dict);
+  3. `build_model` (every size inferred from the weights) and `load` (a state-dict file; OpenAI's
+     TorchScript archive is read without running it by the last section of checkpoint.py);
   4. `freeze_except_prompts`, the preprocessing, and a small demonstration.
 
 `encode_image` and `encode_text` compute exactly what OpenAI's code computes (in fp32). `encode_dense` is
@@ -22,20 +22,19 @@ Letters in shape comments: B batch, L sequence length, W transformer width, T pr
 M = h*w patch tokens (h, w the patch grid), C embedding channels (512 for ViT-B/16), n texts.
 
 Run `python clip.py` for a parameter summary (no weights needed), or
-    python clip.py --weights ~/.cache/clip/ViT-B-16.pt --image cat.jpg --classes "cat,dog,car"
-to classify an image zero-shot. Weights: see `load` (or `python -c "import clip; clip.download()"`).
+    python clip.py --weights vit-b-16.pt --image cat.jpg --classes "cat,dog,car"
+to classify an image zero-shot with a CLIP state dict. OpenAI's ViT-B-16.pt (`python -c "import clip;
+clip.download()"`) is a TorchScript archive; its state dict, read without running it:
+    python -c "import checkpoint, torch; torch.save(checkpoint.read_clip_weights('~/.cache/clip/ViT-B-16.pt'), 'vit-b-16.pt')"
 """
 
 import gzip
 import hashlib
 import html
-import io
 import math
 import os
-import pickle
 import sys
 import urllib.request
-import zipfile
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -448,136 +447,16 @@ def build_model(state_dict: dict, prompt_tokens: int = 0, image_size: int | tupl
     return model.eval()
 
 
-def missing_weights_message(path: str) -> str:
-    return (f"CLIP weights not found at {path}. Download OpenAI's ViT-B/16 (about 350 MB) from\n"
-            f"    {WEIGHTS_URL}\n"
-            f"(sha256 {WEIGHTS_SHA256}) and put it at {DEFAULT_WEIGHTS} (where OpenAI's own code keeps it), "
-            f"or pass its path (--clip-weights to train.py and evaluate.py, --weights to clip.py).\n"
-            f"`python -c \"import clip; clip.download()\"`, run in this project's folder, downloads and checks it.")
-
-
-# OpenAI ships its weights as TorchScript archives: a zip holding the model's code (`code/`), a
-# pickle of the module tree (`data.pkl`) and one raw file per tensor storage (`data/0`, `data/1`, ...).
-# torch.jit.load would compile and run that code, and an ordinary unpickler calls whatever function
-# a pickle names: a weights file from an untrusted source could run anything. We read the tensors
-# with a restricted unpickler instead, which accepts only what a module tree of weights needs
-# (TorchScript's module classes, kept as plain attribute holders; tensor rebuilding; storages;
-# OrderedDict) and refuses every other global before anything is called. We prefer it to checking
-# the file's sha256 against OpenAI's published hashes and then calling torch.jit.load: it reads
-# every OpenAI ViT and any re-saved archive without a list of hashes, never runs the archive's code,
-# and does not depend on torch.jit, which PyTorch has deprecated.
-
-STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-                  "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                  "BoolStorage": torch.bool}
-
-
-class ScriptObject:
-    """Stands for any class of a TorchScript archive: keeps the attributes it is given, runs nothing."""
-
-    def __setstate__(self, state):
-        self.attributes = state
-
-
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """The tensor of `torch._utils._rebuild_tensor_v2`: a view into a flat storage; checked bounds."""
-    return storage.as_strided(size, stride, offset)
-
-
-class WeightsUnpickler(pickle.Unpickler):
-    """Reads an archive's data.pkl, taking each storage from the zip; any other global is refused."""
-
-    def __init__(self, archive: zipfile.ZipFile, root: str):
-        super().__init__(io.BytesIO(archive.read(f"{root}/data.pkl")))
-        self.archive, self.root, self.storages = archive, root, {}
-
-    def find_class(self, module: str, name: str):
-        if module == "__torch__" or module.startswith("__torch__."):
-            return ScriptObject
-        if module == "torch" and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        raise pickle.UnpicklingError(f"refused to load '{module}.{name}' (only tensors are read from CLIP weights)")
-
-    def persistent_load(self, pid):
-        kind, dtype, key, _location, numel = pid  # ('storage', dtype, '0', 'cpu', numel)
-        if kind != "storage" or not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
-            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            if flat.numel() != numel:
-                raise pickle.UnpicklingError(f"storage {key} holds {flat.numel()} values, expected {numel}")
-            self.storages[key] = flat
-        return self.storages[key]
-
-
-def read_torchscript_weights(path: str) -> dict[str, torch.Tensor]:
-    """The state dict (parameters and buffers, dotted names) of a TorchScript archive, running none of it."""
-    with zipfile.ZipFile(path) as archive:
-        roots = [name[:-len("/data.pkl")] for name in archive.namelist() if name.count("/") == 1
-                 and name.endswith("/data.pkl")]
-        if len(roots) != 1:
-            raise ValueError("no data.pkl at the top of the archive")
-        byteorder = f"{roots[0]}/byteorder"
-        if byteorder in archive.namelist() and archive.read(byteorder).strip() != sys.byteorder.encode():
-            raise ValueError(f"its tensors are stored {archive.read(byteorder).decode()}-endian")
-        tree = WeightsUnpickler(archive, roots[0]).load()
-    state_dict, pending, seen = {}, [("", tree)], set()
-    while pending:  # walk the module tree: tensors are the weights, other objects are submodules
-        prefix, node = pending.pop()
-        if id(node) in seen or not isinstance(getattr(node, "attributes", None), dict):
-            continue
-        seen.add(id(node))
-        for name, value in node.attributes.items():
-            if isinstance(value, torch.Tensor):
-                state_dict[prefix + name] = value
-            elif isinstance(value, ScriptObject):
-                pending.append((f"{prefix}{name}.", value))
-    return state_dict
-
-
-def is_torchscript_archive(path: str) -> bool:
-    """A zip with constants.pkl: TorchScript (a torch.save file is a zip without it)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
-
-
 def load(path: str = DEFAULT_WEIGHTS, prompt_tokens: int = 0, image_size: int | tuple[int, int] | None = None,
          device: str | torch.device = "cpu", prompt_dropout: float = 0.1, double_cls_embedding: bool = True) -> CLIP:
-    """Load OpenAI's TorchScript archive (e.g. ViT-B-16.pt) or a plain state-dict file; see build_model.
+    """A CLIP from a state-dict file (torch.save(model.state_dict())); see build_model.
 
-    Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that is not
-    CLIP weights (damaged, another kind of file, or one that would run code when read)."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(missing_weights_message(path))
-    try:
-        if is_torchscript_archive(path):
-            state_dict = read_torchscript_weights(path)
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)  # a pickle that runs code is refused
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"it holds a {type(state_dict).__name__}, not a state dict")
-        model = build_model(state_dict, prompt_tokens, image_size, prompt_dropout, double_cls_embedding)
-    except Exception as error:  # whatever is wrong with the file: one message naming it and what to do
-        message = str(error)
-        if message.startswith("Weights only load failed"):  # torch.load's refusal: keep its reason, not its advice
-            text = message.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in message \
-                else message.split("\n", 1)[-1]
-            details = [line.strip() for line in text.splitlines() if line.strip()
-                       and not line.startswith(("Please file", "Check the documentation"))]
-            message = "torch.load(weights_only=True) refused it: " + (details[0] if details else "not only tensors")
-        reason = (message.strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{path} is not CLIP weights ({reason}). Give OpenAI's ViT-B-16.pt ({WEIGHTS_URL}) "
-                         f"or a state dict saved with torch.save(model.state_dict()).") from error
-    return model.to(device)
+    Read with weights_only=True: a file that would run code when unpickled is refused. OpenAI's own
+    ViT-B-16.pt is a TorchScript archive, which torch.load refuses to read without running its code;
+    `read_torchscript_weights` at the end of checkpoint.py reads its tensors without running anything
+    (pass them to build_model)."""
+    state_dict = torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True)
+    return build_model(state_dict, prompt_tokens, image_size, prompt_dropout, double_cls_embedding).to(device)
 
 
 def download(dest: str = DEFAULT_WEIGHTS) -> str:
@@ -655,19 +534,17 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="CLIP summary and zero-shot classification of one image")
-    parser.add_argument("--weights", help=f"OpenAI's ViT-B-16.pt or a state dict (default: the summary of ViT-B/16 "
-                        f"without weights; with --image: {DEFAULT_WEIGHTS})")
+    parser.add_argument("--weights", help="a CLIP state dict (default: the summary of ViT-B/16 without weights)")
     parser.add_argument("--image", help="an image to classify zero-shot")
     parser.add_argument("--classes", default="cat,dog,car,tree", help="comma-separated class names")
     opts = parser.parse_args()
 
-    if opts.weights is None and opts.image is None:
+    if opts.image and opts.weights is None:
+        parser.error("--image needs --weights")
+    if opts.weights is None:
         summary(VIT_B_16)
         sys.exit(0)
-    try:
-        model = load(opts.weights or DEFAULT_WEIGHTS)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    model = load(opts.weights)
     summary(architecture(model.state_dict()))
     if opts.image:
         from PIL import Image  # the demonstration alone opens image files (pillow comes with torchvision)

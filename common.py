@@ -1,4 +1,4 @@
-"""common.py -- what every program of the project shares: processes, printing, mixed precision.
+"""common.py -- what every program of the project shares: processes, printing, mixed precision, saving.
 
 train.py, evaluate.py and the benchmarks run as one process (`python train.py ...`) or as many under
 torchrun (`torchrun --nproc_per_node 4 train.py ...`). torchrun tells each process who it is through
@@ -10,7 +10,7 @@ Nothing here is specific to OTSeg; a reader copying a chapter does not need it.
 """
 import inspect
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -38,12 +38,18 @@ def init_process_group_kwargs(backend: str, device: torch.device) -> dict:
 def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
     """-> (rank, world size, device) from torchrun's environment variables; NCCL on CUDA, gloo on CPU.
 
-    Plain `python train.py` (or evaluate.py) is rank 0 of 1 with no process group.
+    Plain `python train.py` (or evaluate.py) is rank 0 of 1 with no process group. With
+    `--device cuda:N` that GPU becomes the current device, as LOCAL_RANK's does under torchrun: what
+    follows without a device index (the CUDA random state a checkpoint saves and restores, peak
+    memory) is then this GPU's, not GPU 0's.
     """
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1, torch.device(device_name)
+        device = torch.device(device_name)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        return 0, 1, device
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_name.startswith("cuda"):
         device = torch.device("cuda", local_rank)
@@ -79,3 +85,25 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def atomic_save(path: str):
+    """Yields a temporary path beside `path` to write the file to; renamed to `path` once written.
+
+        with atomic_save("runs/ckpt.pt") as tmp:
+            torch.save(ckpt, tmp)
+
+    A crash, an interrupt or a full disk never leaves half a file at `path`, nor the temporary file.
+    The temporary name keeps the extension (PIL reads the format from it) and holds the process id, so
+    that processes writing the same file never share one.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -4,7 +4,7 @@ Table 2, Sec. 5.4), with their class lists, zero-shot splits, prompt templates (
 pipeline of the authors' release, which runs on MMSegmentation 0.24: its dataset configs
 (`configs/_base_/datasets/*.py`) and the transforms of MMSegmentation's `mmseg/datasets/pipelines/transforms.py`.
 Where to download each dataset, the layouts on disk, the preparation commands and what each error means:
-docs/datasets.md. Preparation, fake datasets and statistics are tools, in data_tools.py.
+docs/datasets.md. Preparation, fake datasets and statistics are tools, in tools/datasets.py.
 
 What an item is
 ---------------
@@ -49,7 +49,7 @@ only with the same number of workers.
 
 Run
 ---
-    python data_tools.py fake /tmp/fake --dataset voc              # no download: a tiny VOC
+    python -m tools.datasets fake /tmp/fake --dataset voc              # no download: a tiny VOC
     python data.py --dataset voc --data-root /tmp/fake             # one sample through the pipeline
 """
 import argparse
@@ -63,6 +63,9 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+import clip
+from losses import IGNORE_INDEX  # 255: a label that is a negative for every class (losses.py)
 
 # ----------------------------------------------------------------------------------------------
 # Prompt templates (paper Sec. 5.2: N = 6 for VOC, N = 8 for Context and COCO-Stuff).
@@ -172,13 +175,13 @@ ADE_UNSEEN = []  # a cross-dataset target only: every class is scored
 # Adding a dataset = adding one entry (or passing such a dict wherever a name is accepted).
 # ----------------------------------------------------------------------------------------------
 
-IGNORE_INDEX = 255                           # label of ignored pixels (background, padding, unseen)
+SETTINGS = ('inductive', 'transductive', 'fully')  # paper Sec. 5.1: which classes train (the docstring's table)
 # Normalisation on 0-255 RGB values. The release normalises VOC, Context and COCO-Stuff with ImageNet's
 # statistics and ADE20K with CLIP's (0..1 values times 255, as its config writes them).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-CLIP_MEAN = tuple(v * 255 for v in (0.48145466, 0.4578275, 0.40821073))
-CLIP_STD = tuple(v * 255 for v in (0.26862954, 0.26130258, 0.27577711))
+CLIP_MEAN = tuple(v * 255 for v in clip.CLIP_MEAN)
+CLIP_STD = tuple(v * 255 for v in clip.CLIP_STD)
 
 # A split is a list of parts; each part names an image folder, a label folder and either a split file
 # (`list`: one image name per line) or nothing, in which case the image folder is listed. Paths are
@@ -211,7 +214,7 @@ DATASETS = {
         test_short_side=512,                 # test resize: short side 512, keep aspect
         test_max_long_side=None,             # (the release's min_size=512 lifts the 2048 cap)
         window_crop=512, window_stride=426,  # sliding-window inference
-        help='see docs/datasets.md: VOC 2012 + SBD, then python data_tools.py prepare-voc-aug',
+        help='see docs/datasets.md: VOC 2012 + SBD, then python -m tools.datasets prepare-voc-aug',
     ),
     'context': dict(
         name='PASCAL Context-59',
@@ -259,7 +262,7 @@ DATASETS = {
         test_short_side=512,
         test_max_long_side=None,
         window_crop=512, window_stride=426,
-        help='see docs/datasets.md: COCO 2017 images + stuffthingmaps, then python data_tools.py prepare-coco',
+        help='see docs/datasets.md: COCO 2017 images + stuffthingmaps, then python -m tools.datasets prepare-coco',
     ),
     'ade': dict(
         name='ADE20K-150',
@@ -383,10 +386,13 @@ def window_of(preset: dict) -> dict:
     return dict(crop=(preset['window_crop'],) * 2, stride=(preset['window_stride'],) * 2)
 
 
-def seen_classes(preset: dict) -> list[int]:
-    """Indices of the seen classes, in class order."""
-    unseen = set(preset['unseen'])
-    return [c for c in range(len(preset['classes'])) if c not in unseen]
+def seen_mask(num_classes: int, unseen: list[int]) -> torch.Tensor:
+    """bool (K,): True for the seen classes. Presets and checkpoints store the unseen class indices;
+    every part of the code that needs to know which classes are seen takes this mask (names of the seen
+    classes: `[n for n, s in zip(names, seen.tolist()) if s]`)."""
+    seen = torch.ones(num_classes, dtype=torch.bool)
+    seen[torch.tensor(list(unseen), dtype=torch.long)] = False
+    return seen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,37 +408,18 @@ def reduce_zero_label_table() -> torch.Tensor:
     return table
 
 
-def label_remap_table(num_classes: int, unseen: list[int], setting: str) -> torch.Tensor:
+def label_remap_table(seen: torch.Tensor, setting: str) -> torch.Tensor:
     """Lookup table from labels over all classes to the labels a setting trains on. Long (256,).
 
     inductive: seen class c -> its index among the seen classes, unseen -> 255;
-    transductive / fully: identity on 0..K-1. 255 stays 255; values >= K map to 255.
+    transductive / fully: identity on 0..K-1. 255 stays 255; values >= K map to 255. seen: bool (K,).
     """
-    if setting not in ('inductive', 'transductive', 'fully'):
-        raise ValueError(f"setting must be 'inductive', 'transductive' or 'fully', not {setting!r}")
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, not {setting!r}")
     table = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
-    if setting == 'inductive':
-        kept = [c for c in range(num_classes) if c not in set(unseen)]
-    else:
-        kept = list(range(num_classes))
-    table[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    kept = seen.nonzero().flatten() if setting == 'inductive' else torch.arange(len(seen))  # classes trained on
+    table[kept] = torch.arange(len(kept))
     return table
-
-
-def color_palette() -> list[int]:
-    """VOC's colour map, the palette of its SegmentationClass PNGs (256 RGB triples, flattened; index 255 is
-    the boundary colour (224, 224, 192)). Pictures of labels use it (visualize.py, data_tools.py)."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):               # spread the bits of the index over the three channels
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +471,7 @@ def resolve_root(preset: dict, root: str) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data root {root} does not exist ({preset['name']}: {preset['help']}; or write a "
-                           f"tiny fake one with `python data_tools.py fake DIR --dataset NAME`)")
+                           f"tiny fake one with `python -m tools.datasets fake DIR --dataset NAME`)")
     if preset['folder'] and (root / preset['folder']).is_dir():
         return root / preset['folder']
     return root
@@ -790,8 +777,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: str | dict, root: str, split: str = 'train', setting: str = 'inductive',
                  transform=None):
         self.preset = get_preset(dataset)
-        if setting not in ('inductive', 'transductive', 'fully'):
-            raise ValueError(f"setting must be 'inductive', 'transductive' or 'fully', not {setting!r}")
+        if setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, not {setting!r}")
         self.split, self.setting = split, setting
         self.root = resolve_root(self.preset, root)
         self.samples = list_samples(self.preset, self.root, split)
@@ -799,12 +786,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
                                                                                      self.preset['std'])
 
         num_classes = len(self.preset['classes'])
-        self.unseen_classes = list(self.preset['unseen'])
-        self.seen_classes = seen_classes(self.preset)
+        self.seen = seen_mask(num_classes, self.preset['unseen'])    # bool (K,) over all classes
         view = setting if split == 'train' else 'fully'          # val: always all classes
-        self.label_table = label_remap_table(num_classes, self.unseen_classes, view)   # (256,)
-        kept = self.seen_classes if view == 'inductive' else list(range(num_classes))
-        self.class_names = [self.preset['classes'][c] for c in kept]   # the K' classes the labels index
+        self.label_table = label_remap_table(self.seen, view)   # (256,)
+        self.class_names = [n for n, s in zip(self.preset['classes'], self.seen.tolist())   # the K' classes
+                            if s or view != 'inductive']                                     # the labels index
         self.reduce_table = reduce_zero_label_table() if self.preset['reduce_zero_label'] else None
         # Largest valid value in the PNGs: K with a background 0 (then 1..K are classes), else K - 1.
         self.max_label = num_classes if self.preset['reduce_zero_label'] else num_classes - 1
@@ -862,7 +848,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description='Follow one training sample of a dataset through the pipeline.')
     parser.add_argument('--dataset', default='voc', choices=sorted(DATASETS))
     parser.add_argument('--data-root', required=True,
-                        help='the dataset folder or a folder above it (a tiny fake one: python data_tools.py fake DIR)')
+                        help='the dataset folder or a folder above it (a tiny fake one: python -m tools.datasets fake DIR)')
     parser.add_argument('--index', type=int, default=0, help='which training sample')
     parser.add_argument('--seed', type=int, default=0, help='seeds the random draws of the pipeline')
     args = parser.parse_args()
@@ -876,7 +862,7 @@ def main() -> None:
         sys.exit(f"error: {error}")
     preset, every_class = dataset.preset, dataset.preset['classes']
     print(f"{preset['name']}: {len(dataset)} training samples in {dataset.root}; {len(every_class)} classes, "
-          f"unseen: {', '.join(every_class[c] for c in dataset.unseen_classes) or 'none'}")
+          f"unseen: {', '.join(n for n, s in zip(every_class, dataset.seen.tolist()) if not s) or 'none'}")
     print(f"sample {dataset.samples[args.index][2]}")
     print(f"  {'as read':<28}{describe(image, label, every_class)}")
     torch.manual_seed(args.seed)

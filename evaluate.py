@@ -52,7 +52,7 @@ import checkpoint
 import clip
 import data
 import visualize
-from common import autocast, close_distributed, print0, setup_distributed
+from common import atomic_save, autocast, close_distributed, print0, setup_distributed
 from model import OTSeg
 
 
@@ -63,28 +63,34 @@ from model import OTSeg
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
     """pred, label (...) -> int64 (K, K), rows the true class, columns the prediction.
 
-    Pixels whose label is not a class (255: background of VOC/Context, padding) are left out.
+    Pixels whose label is not a class (255: background of VOC/Context, padding) are left out: they
+    are counted in a spare bin K*K that is dropped. A scatter_add_ into K*K + 1 bins of a known size
+    needs no host synchronisation, where `label[keep]` (its size is data) and `bincount` (it reads
+    the largest value) would each wait for the GPU, on every image.
     """
-    keep = label < num_classes
-    index = label[keep] * num_classes + pred[keep]
-    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+    label, pred = label.reshape(-1).long(), pred.reshape(-1).long()  # long: 255 * K overflows uint8
+    is_class = (label >= 0) & (label < num_classes)
+    index = torch.where(is_class, label * num_classes + pred, num_classes ** 2)  # (M,)
+    counts = torch.zeros(num_classes ** 2 + 1, dtype=torch.long, device=label.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    return counts[:-1].view(num_classes, num_classes)
 
 
-def segmentation_metrics(conf: torch.Tensor, unseen: list[int]) -> dict:
+def segmentation_metrics(conf: torch.Tensor, seen: torch.Tensor) -> dict:
     """Confusion matrix (K, K) -> per-class IoU, mIoU(S), mIoU(U), hIoU, mIoU, pixel accuracy (in %).
 
     IoU is NaN for a class with no pixel in the labels nor in the predictions (MMSegmentation), and
     the means skip NaNs. With no unseen class (cross-dataset), mIoU(U) and hIoU are NaN and the
-    headline is mIoU. Fully supervised models are still scored over the zero-shot split.
+    headline is mIoU. Fully supervised models are still scored over the zero-shot split. seen: bool (K,)
+    (data.seen_mask).
     """
     conf = conf.double().cpu()
     intersection = conf.diag()
     union = conf.sum(0) + conf.sum(1) - intersection
     iou = intersection / union  # 0/0 -> NaN
-    is_unseen = torch.zeros(len(iou), dtype=torch.bool)
-    is_unseen[list(unseen)] = True
-    miou_s = float(iou[~is_unseen].nanmean()) * 100
-    miou_u = float(iou[is_unseen].nanmean()) * 100 if unseen else float("nan")
+    seen = seen.cpu()
+    miou_s = float(iou[seen].nanmean()) * 100
+    miou_u = float(iou[~seen].nanmean()) * 100 if not seen.all() else float("nan")
     return dict(
         iou=[float(x) * 100 for x in iou],
         miou=float(iou.nanmean()) * 100,
@@ -157,16 +163,6 @@ def make_predictor(model: nn.Module, class_names: list[str], seen: torch.Tensor 
     return predict
 
 
-def calibration_mask(num_classes: int, unseen: list[int], calibrate: bool,
-                     device: torch.device) -> torch.Tensor | None:
-    """bool (K,) of the classes whose probabilities are lowered by 0.1 (the seen ones), or None."""
-    if not calibrate:
-        return None
-    seen = torch.ones(num_classes, dtype=torch.bool, device=device)
-    seen[list(unseen)] = False
-    return seen
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation over a dataset, sharded over processes with no image counted twice
 # ----------------------------------------------------------------------------------------------
@@ -177,19 +173,20 @@ def first_item(batch: list):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, class_names: list[str], unseen: list[int],
+def evaluate(model: nn.Module, dataset, class_names: list[str], seen: torch.Tensor,
              calibrate: bool, window: dict, device: torch.device, amp: bool = False,
              workers: int = 2, window_batch: int = 8, limit: int | None = None,
              progress: bool = True) -> dict:
     """Confusion matrices of OTSeg and OTSeg+ over `dataset`, summed over processes, and metrics.
 
-    Process r scores images r, r + P, r + 2P, ...: every image exactly once (DistributedSampler
+    seen: bool (K,) (data.seen_mask); with `calibrate` the seen classes' probabilities are lowered by
+    0.1. Process r scores images r, r + P, r + 2P, ...: every image exactly once (DistributedSampler
     would pad the last round with repeats, counting some images twice).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     num_classes = len(class_names)
-    predict = make_predictor(model, class_names, calibration_mask(num_classes, unseen, calibrate, device), amp)
+    predict = make_predictor(model, class_names, seen.to(device) if calibrate else None, amp)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=range(rank, count, world), num_workers=workers,
@@ -214,15 +211,15 @@ def evaluate(model: nn.Module, dataset, class_names: list[str], unseen: list[int
     for name, matrix in conf.items():
         if dist.is_initialized():
             dist.all_reduce(matrix)  # integer counts: exactly the one-process matrix
-        results[name] = dict(segmentation_metrics(matrix, unseen), confusion=matrix.cpu().tolist())
+        results[name] = dict(segmentation_metrics(matrix, seen), confusion=matrix.cpu().tolist())
     return results
 
 
-def format_results(results: dict, class_names: list[str], unseen: list[int]) -> str:
+def format_results(results: dict, class_names: list[str], seen: torch.Tensor) -> str:
     """The per-class IoU table and the summary lines, as printed."""
     lines = [f"{'class':24s} {'split':6s} " + " ".join(f"{name:>8s}" for name in results)]
     for k, name in enumerate(class_names):
-        split = "unseen" if k in unseen else "seen"
+        split = "seen" if seen[k] else "unseen"
         lines.append(f"{name[:24]:24s} {split:6s} "
                      + " ".join(f"{r['iou'][k]:8.2f}" for r in results.values()))
     lines.append("")
@@ -280,7 +277,7 @@ def evaluation_window(ckpt: dict, target: str, stride: int | None = None) -> tup
 
 
 # ----------------------------------------------------------------------------------------------
-# Using the model: any image with any class names, and pictures of validation images
+# Using the model: any image with any class names (visualize.py draws and writes the pictures)
 # ----------------------------------------------------------------------------------------------
 
 def predict_labels(predict, image: torch.Tensor, window: dict, size: tuple[int, int]) -> torch.Tensor:
@@ -299,41 +296,6 @@ def segment_image(model: OTSeg, image: torch.Tensor, class_names: list[str], pre
     normalised, _ = data.test_transform(preset)(tv_tensors.Image(image), blank)
     predict = make_predictor(model, class_names, seen=None)
     return predict_labels(predict, normalised.as_subclass(torch.Tensor).to(device), window, image.shape[1:]).cpu()
-
-
-def save_picture(picture, path: str) -> str:
-    """Write a PIL picture through a temporary file: a failure never leaves half a picture."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"  # the extension tells PIL the format
-    picture.save(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-@torch.no_grad()
-def write_pictures(model: OTSeg, dataset, class_names: list[str], seen: torch.Tensor | None, window: dict,
-                   out_dir: str, count: int, device: torch.device) -> list[str]:
-    """For `count` validation images: image | ground truth | OTSeg+ prediction (`_prediction.png`), and
-    the per-prompt score maps of the image's largest class in its first window (`_prompts_CLASS.png`)."""
-    os.makedirs(out_dir, exist_ok=True)
-    predict = make_predictor(model, class_names, seen)
-    written = []
-    for index in range(min(count, len(dataset))):
-        sample = dataset[index]
-        image, label = sample["image"].to(device), sample["label"]  # (3, h, w) normalised, (H0, W0)
-        pred = predict_labels(predict, image, window, label.shape).cpu()
-        raw, _ = dataset.load(index)  # the image as read, uint8 (3, H0, W0)
-        strip = visualize.prediction_strip(visualize.to_picture(raw), label, pred, class_names)
-        written.append(save_picture(strip, os.path.join(out_dir, f"{sample['name']}_prediction.png")))
-
-        k = int(torch.bincount(label[label < len(class_names)].flatten(), minlength=len(class_names)).argmax())
-        (crop_h, crop_w), (_, height, width) = window["crop"], image.shape
-        first = F.pad(image, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))[:, :crop_h, :crop_w]
-        plain, refined = visualize.prompt_score_maps(model, first[None], class_names)  # (1, K, N, h, w) each
-        grid = visualize.prompt_grid(plain[0, k], refined[0, k], model.templates, class_names[k])
-        name = f"{sample['name']}_prompts_{class_names[k].replace(' ', '_')}.png"
-        written.append(save_picture(grid, os.path.join(out_dir, name)))
-    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +319,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="CLIP weights (default: those the checkpoint was trained with)")
     parser.add_argument("--source", default=None, choices=sorted(data.DATASETS),
                         help="release checkpoints only: the dataset it was trained on (default: --dataset)")
-    parser.add_argument("--setting", default=None, choices=["inductive", "transductive", "fully"],
+    parser.add_argument("--setting", default=None, choices=data.SETTINGS,
                         help="release checkpoints only: its training setting (decides the calibration)")
     parser.add_argument("--convert", metavar="OUT", help="write the (release) checkpoint in this project's format")
     parser.add_argument("--crop-size", type=int, default=None,
@@ -463,7 +425,10 @@ def load_checkpoint(args, device: torch.device) -> dict:
 
 def main(args) -> None:
     rank, _, device = setup_distributed(args.device)
-    run(args, rank, device)
+    try:
+        run(args, rank, device)
+    except checkpoint.CheckpointError as error:  # a checkpoint or weights file that does not fit: one line
+        sys.exit(f"error: {error}")
     close_distributed()
 
 
@@ -477,7 +442,7 @@ def run(args, rank: int, device: torch.device) -> None:
                  f"training crop): pixels between windows would get no prediction")
     if args.convert:
         if rank == 0:
-            checkpoint.atomic_save(ckpt, args.convert)
+            checkpoint.save(ckpt, args.convert)
         print0(f"wrote {args.convert}")
     crop_size = args.crop_size or (ckpt.get("args") or {}).get("crop_size")  # a small run's sizes
     source = data.get_preset(ckpt["dataset"], crop_size)  # the sizes and normalisation the model was trained with
@@ -495,7 +460,8 @@ def run(args, rank: int, device: torch.device) -> None:
         if rank == 0:
             pred = segment_image(model, image, names, source, window, device)
             out = args.output or os.path.splitext(args.image)[0] + "_otseg.png"
-            print0(f"wrote {save_picture(visualize.overlay(visualize.to_picture(image), pred, names), out)}")
+            picture = visualize.overlay(visualize.to_picture(image), pred, names)
+            print0(f"wrote {visualize.save_picture(picture, out)}")
     if scoring:
         print0(f"{described}: {scoring['description']}")
         score_dataset(args, ckpt, model, scoring, rank, device)
@@ -514,7 +480,7 @@ def plan_scoring(args, ckpt: dict, source: dict, crop_size: int | None) -> dict:
     except data.DatasetError as error:
         sys.exit(f"error: --data-root: {error}")
     window, origin = evaluation_window(ckpt, name, args.window_stride)
-    unseen = [] if cross else list(target["unseen"])
+    seen = data.seen_mask(len(target["classes"]), [] if cross else target["unseen"])
     calibrate = ckpt["setting"] == "inductive" and not cross  # as decode_seg.py; across datasets nothing is seen
     normalised_as = name if args.normalization == "target" else f"{ckpt['dataset']} (--normalization source)"
     description = (f"scoring {name}{' (cross-dataset)' if cross else ''} with {len(target['classes'])} classes, "
@@ -523,33 +489,33 @@ def plan_scoring(args, ckpt: dict, source: dict, crop_size: int | None) -> dict:
     out = args.output_json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{name}.json")
     return dict(name=name, cross=cross, target=target, dataset=dataset, window=window, origin=origin,
                 classes=list(target["classes"]),  # the target's names (the release's bug: the source's)
-                unseen=unseen, calibrate=calibrate, description=description, out=out)
+                seen=seen, calibrate=calibrate, description=description, out=out)
 
 
 def score_dataset(args, ckpt: dict, model: OTSeg, plan: dict, rank: int, device: torch.device) -> None:
     """Score the planned validation set (pictures first with --visualize) and write the JSON report."""
-    class_names, unseen, window = plan["classes"], plan["unseen"], plan["window"]
+    class_names, seen, window = plan["classes"], plan["seen"], plan["window"]
     try:
         if args.visualize and rank == 0:
-            seen = calibration_mask(len(class_names), unseen, plan["calibrate"], device)
-            paths = write_pictures(model, plan["dataset"], class_names, seen, window, args.visualize,
-                                   args.num_visualize, device)
+            predict = make_predictor(model, class_names, seen.to(device) if plan["calibrate"] else None)
+            paths = visualize.write_pictures(model, plan["dataset"], class_names,
+                                             lambda image, size: predict_labels(predict, image, window, size),
+                                             window["crop"], args.visualize, args.num_visualize, device)
             print0(f"wrote {len(paths)} pictures to {args.visualize}")
-        results = evaluate(model, plan["dataset"], class_names, unseen, plan["calibrate"], window, device, args.amp,
+        results = evaluate(model, plan["dataset"], class_names, seen, plan["calibrate"], window, device, args.amp,
                            args.workers, args.window_batch, args.limit)
     except data.DatasetError as error:  # from a DataLoader worker, the message ends with the original one
         sys.exit("error: " + str(error).strip().splitlines()[-1].split("DatasetError: ", 1)[-1])
-    print0(format_results(results, class_names, unseen))
+    print0(format_results(results, class_names, seen))
     if rank == 0:
         target = plan["target"]
         report = dict(checkpoint=args.checkpoint, source=ckpt["dataset"], dataset=plan["name"],
                       cross_dataset=plan["cross"], setting=ckpt["setting"], calibration=plan["calibrate"],
-                      classes=class_names, unseen=unseen, window=window, window_from=plan["origin"],
+                      classes=class_names, unseen=(~seen).nonzero().flatten().tolist(), window=window,
+                      window_from=plan["origin"],
                       normalization=dict(mean=list(target["mean"]), std=list(target["std"])), results=results)
-        tmp = f"{plan['out']}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_save(plan["out"]) as tmp, open(tmp, "w") as f:
             json.dump(without_nan(report), f, indent=1)
-        os.replace(tmp, plan["out"])
         print0(f"wrote {plan['out']}")
 
 

@@ -12,9 +12,14 @@ The paper names the losses; the numbers come from the conventions of the authors
 - dice only over the (image, class) pairs present in the label map, summed, divided by num_masks;
 - num_masks = number of (image, present class) pairs in the *global* batch.
 
-num_masks across processes: `count_masks` counts the local pairs; the training loop all-reduces the
-count, divides it by the world size and clamps it to at least 1 (DETR's convention), then passes it
-here. With a single process that is just `count_masks(labels, K).clamp(min=1)`.
+num_masks across processes and micro-batches (the release's `models/losses/criterion.py`, DETR's
+convention): each process all-reduces its count, divides it by the world size P, clamps it to at least
+1 and divides its own loss by it; DDP then averages the gradients over the P processes. The gradient
+is therefore grad(sum of the losses over the global batch) / max(global count, P). `train.py` computes
+exactly that directly: it calls `otseg_loss` with num_masks = 1 (sums), sums the gradients over its
+micro-batches and the processes, and divides them once by max(global count, P), so the result does not
+depend on how the batch is split. With a single process and batch it is
+`otseg_loss(outputs, labels, count_masks(labels, K).clamp(min=1))`.
 
 Notation: B batch, K classes, H x W pixels of the label map. Run `python losses.py` for a demo.
 """
@@ -48,7 +53,7 @@ def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 def count_masks(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Number of (image, present class) pairs in this process's batch, as a float tensor.
 
-    The caller all-reduces it over processes, divides by the world size and clamps it to >= 1.
+    Across processes and micro-batches the count is summed; the module docstring says how it divides.
     """
     return present_classes(labels, num_classes).sum().float()
 

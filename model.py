@@ -5,7 +5,7 @@ Paper Sec. 4 (Fig. 2-3, Eq. 8-17); the details the paper leaves open follow the 
 lists them). One forward pass, with K class names and N prompt templates:
 
  1. Text (Sec. 4.1): t = normalize(CLIP_text(template_n.format(name_k)))      (K, N, C)
-    The text tower is frozen, so t is computed once per list of names and cached (memory and disk).
+    The text tower is frozen, so t is computed once per list of names and cached in memory.
  2. Image: CLIP's ViT with deep visual prompt tuning (clip.py, `encode_dense`):
     g = normalize(CLS embedding)  (B, C);  v = normalize(pixel embeddings)  (B, M, C)
  3. Relationship descriptor (ZegCLIP's, Sec. 4.1): q0 = Linear_{2C->C}([g * t, t])   (B, K, N, C)
@@ -29,9 +29,6 @@ identical, so the difference between the two is exactly what optimal transport c
 Notation: B batch, K classes, N prompts, M pixels (h*w patch tokens), C channels, H x W input size.
 Run `python model.py` for a demonstration with a tiny random CLIP.
 """
-import hashlib
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,17 +43,6 @@ TEXT_BATCH = 256  # texts per pass of the text tower (COCO-Stuff has K*N = 171*8
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-def text_tower_digest(clip_model: CLIP) -> str:
-    """sha256 of the text tower's weights (names, shapes, dtypes, bytes): the disk cache's key part."""
-    sha = hashlib.sha256()
-    for name, p in clip_model.named_parameters():
-        if name.startswith("visual.") or name == "logit_scale":
-            continue
-        sha.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-        sha.update(p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy())
-    return sha.hexdigest()
-
 
 def upsample(logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """(B, K, M) on the patch grid (h, w) -> (B, K, H, W), bilinear, align_corners=False (release)."""
@@ -84,12 +70,10 @@ class OTSeg(nn.Module):
         eps, n_iters, tol: Sinkhorn's (sinkhorn.mps), for both MPS and MPSA.
         implicit_grad: differentiate the converged transport plans instead of the unrolled Sinkhorn
             iterations (less training memory; off by default, as the release).
-        text_cache_dir: where to keep text embeddings across runs (None: memory only).
     """
 
     def __init__(self, clip_model: CLIP, templates: list[str], matching: str = "sinkhorn",
-                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False,
-                 text_cache_dir: str | None = None):
+                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False):
         super().__init__()
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -102,31 +86,19 @@ class OTSeg(nn.Module):
         self.relationship_descriptor = nn.Linear(2 * dim, dim)
         self.decoder = MPSADecoder(dim, num_layers=3, ffn_dim=4 * dim, dropout=0.1, matching=matching,
                                    num_heads=8, eps=eps, n_iters=n_iters, tol=tol, implicit_grad=implicit_grad)
-        self.text_cache_dir = text_cache_dir
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}  # not state: rebuilt from the text tower
-        self._text_digest: str | None = None
 
     # -------------------------------------------------------------------------- text embeddings
 
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         """(K, N, C): L2-normalised frozen-CLIP embeddings of every template filled with every name.
 
-        Cached in memory per list of names and, with `text_cache_dir`, on disk under a key made of the
-        text tower's weights, the names and the templates. Never part of the autograd graph.
+        Cached in memory per list of names (the text tower is frozen). Never part of the autograd graph.
         """
         key = tuple(class_names)
         device = self.clip.text_projection.device
         if key not in self._text_cache:
-            path = self._text_cache_path(key) if self.text_cache_dir else None
-            if path is not None and os.path.isfile(path):
-                embeddings = torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                embeddings = self._encode_texts(class_names).cpu()
-                if path is not None:
-                    os.makedirs(self.text_cache_dir, exist_ok=True)
-                    torch.save(embeddings, path + ".tmp")
-                    os.replace(path + ".tmp", path)  # atomic: concurrent processes never read half a file
-            self._text_cache[key] = embeddings.to(device)
+            self._text_cache[key] = self._encode_texts(class_names)
         return self._text_cache[key].to(device)  # a no-op unless the model moved since
 
     @torch.no_grad()
@@ -138,12 +110,6 @@ class OTSeg(nn.Module):
             embeddings = torch.cat([self.clip.encode_text(chunk) for chunk in tokens.split(TEXT_BATCH)])
         embeddings = F.normalize(embeddings.float(), dim=-1)  # (K*N, C)
         return embeddings.unflatten(0, (len(class_names), len(self.templates)))  # (K, N, C)
-
-    def _text_cache_path(self, key: tuple[str, ...]) -> str:
-        if self._text_digest is None:  # hashing the text tower takes ~0.5 s: once per model
-            self._text_digest = text_tower_digest(self.clip)
-        text = "\n".join([self._text_digest, "names:", *key, "templates:", *self.templates])
-        return os.path.join(self.text_cache_dir, f"text_{hashlib.sha256(text.encode()).hexdigest()[:20]}.pt")
 
     # -------------------------------------------------------------------------- forward
 

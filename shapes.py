@@ -64,8 +64,9 @@ from PIL import Image, ImageDraw
 import evaluate
 import visualize
 from checkpoint import build_model_from_checkpoint, read_checkpoint as read_otseg_checkpoint
+from common import atomic_save
 from clip import CLIP, TINY, architecture, tokenize
-from data import DATASETS, SegmentationDataset, test_transform
+from data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, test_transform
 
 # ----------------------------------------------------------------------------------------------
 # 1. The world
@@ -214,8 +215,7 @@ def write_world(root: str, num_train: int = 2000, num_val: int = 300, seed: int 
 
 # clip.py's TINY with a deeper image tower on finer patches (8 x 8 patches of 8 pixels: M = 64 tokens)
 TINY_CLIP = dict(TINY, image_resolution=IMAGE_SIZE, vision_layers=4, vision_patch_size=8)
-IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)  # data.py's normalisation, so the
-IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)     # pretrained towers see what OTSeg sees
+# data.py's normalisation (IMAGENET_MEAN, IMAGENET_STD), so that the pretrained towers see what OTSeg sees
 
 
 def encode_captions(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
@@ -247,7 +247,8 @@ def scene_batch(rng: np.random.Generator, n: int, twins: bool = False
         for obj in objects:
             for pattern in obj['patterns']:
                 shown[i, CLASSES.index(obj['colour']), PATTERNS.index(pattern)] = True
-    images = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() - IMAGENET_MEAN) / IMAGENET_STD
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    images = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() - mean) / std
     return images, torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(parts)), captions, shown
 
 
@@ -393,9 +394,8 @@ def save_checkpoint(model: CLIP, path: str, **meta) -> None:
     ids = world_token_ids()
     checkpoint = dict(state_dict=state, token_ids=ids, token_rows=table[ids].clone(), vocab_size=table.shape[0],
                       **meta)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(checkpoint, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    with atomic_save(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def read_checkpoint(path: str = CHECKPOINT) -> dict:
@@ -522,13 +522,12 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
     each model's prediction, painted in the classes' own colours; predictions are shown on the object
     pixels only (the pixels that are scored) and background is grey."""
     dataset = SegmentationDataset('shapes', root, 'val', 'fully', transform=test_transform('shapes'))
-    unseen = torch.tensor(UNSEEN)
+    seen = dataset.seen  # bool (K,): data.seen_mask of the preset
+    unseen = (~seen).nonzero().flatten()
     chosen = [i for i in range(len(dataset)) if torch.isin(dataset[i]['label'], unseen).any()][:count]
     samples = [dataset[i] for i in chosen]
     images = torch.stack([s['image'] for s in samples])  # (B, 3, H, W): one window is the whole scene
     labels = torch.stack([s['label'] for s in samples])  # (B, H, W), 255 = background
-    seen = torch.ones(len(CLASSES), dtype=torch.bool)
-    seen[UNSEEN] = False
     columns = [('scene', [np.asarray(visualize.denormalize(image)) for image in images]),
                ('truth', [paint(label.numpy()) for label in labels])]
     for title, (checkpoint, inference) in checkpoints.items():

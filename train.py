@@ -43,12 +43,11 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
+import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -60,6 +59,7 @@ import evaluate
 import losses
 from common import autocast, close_distributed, print0, setup_distributed
 from model import OTSeg, trainable_parameters
+from mpsa import MATCHINGS
 
 # ----------------------------------------------------------------------------------------------
 # The schedule of the release, one row per dataset (docs/release.md, "Schedule"; the release's
@@ -119,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data and setting")
     group.add_argument("--dataset", default="voc", choices=sorted(data.DATASETS),
                        help="training dataset (presets in data.py)")
-    group.add_argument("--setting", default="inductive", choices=["inductive", "transductive", "fully"],
+    group.add_argument("--setting", default="inductive", choices=data.SETTINGS,
                        help="zero-shot setting (paper Sec. 2.1 and 5.3; docs/release.md, 'Settings')")
     group.add_argument("--data-root", required=True, help="dataset root in the MMSegmentation layout")
     group.add_argument("--num-prompts", type=int, default=None,
@@ -129,7 +129,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("model")
     group.add_argument("--clip-weights", default=clip.DEFAULT_WEIGHTS,
                        help="OpenAI's ViT-B-16.pt (or a CLIP state dict); 'random-tiny' = small random CLIP")
-    group.add_argument("--matching", default="sinkhorn", choices=["sinkhorn", "softmax"],
+    group.add_argument("--matching", default="sinkhorn", choices=MATCHINGS,
                        help="MPSA/MPS or the softmax baseline of Table 5(b)")
     group.add_argument("--prompt-tokens", type=int, default=None, help="VPT tokens per layer (preset: 10 or 100)")
     group.add_argument("--implicit-grad", action="store_true",
@@ -143,7 +143,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (1500)")
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", default=None, help="default: runs/DATASET-SETTING")
-    group.add_argument("--resume", default=None, help="a checkpoint of this run to continue exactly")
+    group.add_argument("--resume", default=None,
+                       help="a checkpoint of this run to continue exactly; 'auto': OUTPUT_DIR/ckpt.pt if it "
+                            "exists, else a fresh start (for requeued jobs and torchrun --max-restarts)")
     group.add_argument("--init-from", default=None,
                        help="start from these trained weights (transductive: the inductive iter_HALF.pt)")
     group.add_argument("--seed", type=int, default=0)
@@ -216,7 +218,7 @@ class SeededSamples(torch.utils.data.Dataset):
     """Each sample's random augmentation seeded by its position in the data order.
 
     So a sample is the same whichever process, worker or micro-step loads it, and after a resume.
-    The caller's random states are put back afterwards (with workers = 0 this is the main process).
+    The caller's random state is put back afterwards (with workers = 0 this is the main process).
     """
 
     def __init__(self, dataset, seed: int):
@@ -231,41 +233,27 @@ class SeededSamples(torch.utils.data.Dataset):
         # number of samples a run draws (a million; only COCO's 1.28 million go past it), --seed s + 1
         # does not repeat the augmentations of --seed s; any such number would do, this one is a prime.
         seed = (self.seed * 1_000_003 + position) % 2 ** 32
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's generator only (data.py)
             torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+            return self.dataset[index]
 
 
 # ----------------------------------------------------------------------------------------------
 # One optimisation step
 # ----------------------------------------------------------------------------------------------
 
-def pseudo_label(outputs: dict, labels: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+def pseudo_label(outputs: dict, labels: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """Transductive labels: pixels whose true class is unseen get the model's unseen guess.
 
     P = sigmoid(0.5 S + 0.5 D) with both maps detached; the seen channels are set to -1 so that the
     argmax is over the unseen classes; no threshold (docs/release.md, "Transductive"; the release's
-    `decode_seg.py`, `forward_train`). unseen: bool (256,) lookup over label values.
+    `decode_seg.py`, `forward_train`). seen: bool (K,) on the labels' device (data.seen_mask).
     """
     with torch.no_grad():
         p = torch.sigmoid(0.5 * outputs["score"].float() + 0.5 * outputs["decoder"].float())  # (B, K, H, W)
-        seen = ~unseen[:p.shape[1]].view(1, -1, 1, 1)  # (1, K, 1, 1); masked_fill: no host sync
-        guess = p.masked_fill(seen, -1).argmax(dim=1)  # (B, H, W)
+        guess = p.masked_fill(seen.view(1, -1, 1, 1), -1).argmax(dim=1)  # (B, H, W); masked_fill: no host sync
+    unseen = torch.cat([~seen, seen.new_zeros(256 - len(seen))])  # (256,) over label values; 255 is no class
     return torch.where(unseen[labels], guess, labels)
-
-
-def lookup_table(unseen: list[int], device: torch.device) -> torch.Tensor:
-    """bool (256,): True at the label values of the unseen classes (pseudo_label's `unseen`)."""
-    table = torch.zeros(256, dtype=torch.bool)
-    table[unseen] = True
-    return table.to(device)
 
 
 STEP_VALUES = ("loss", "decoder_focal", "decoder_dice", "score_focal", "score_dice", "num_masks")
@@ -274,13 +262,12 @@ LOSS_PARTS = ("total", "decoder_focal", "decoder_dice", "score_focal", "score_di
 
 def train_step(model, optimizer, micro_batches: list, class_names: list[str], lr: float,
                params: list[torch.Tensor], world_size: int, precision, schedule: dict,
-               unseen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               seen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step over the global batch given as this process's micro-batches.
 
-    Each micro-step back-propagates the *sums* of the losses (num_masks = 1); gradients are summed
-    over micro-steps and processes and divided once by max(number of (image, class) pairs, P), which
-    is the release's loss / (count / P) averaged over P processes. `precision` is the autocast
-    context of the forward pass; the losses run in fp32 outside it (losses.py casts the logits).
+    The normaliser num_masks of Eq. 18 is applied as losses.py's docstring says (the release's, taken
+    from summed losses and gradients). `precision` is the autocast context of the forward pass; the
+    losses run in fp32 outside it (losses.py casts the logits).
     Returns STEP_VALUES as 0-d tensors on the device (no host synchronisation): the losses
     normalised like the gradients, and the global batch's num_masks, all reduced over processes.
     """
@@ -289,8 +276,8 @@ def train_step(model, optimizer, micro_batches: list, class_names: list[str], lr
     for images, labels in micro_batches:
         with precision:
             outputs = model(images, class_names)  # dict(decoder, score): (b, K, H, W) logits
-        if unseen is not None:
-            labels = pseudo_label(outputs, labels, unseen)
+        if seen is not None:  # transductive: pseudo-labels for the unseen classes' pixels
+            labels = pseudo_label(outputs, labels, seen)
         parts = losses.otseg_loss(outputs, labels, num_masks=1.0, focal_weight=schedule["focal_weight"],
                                   dice_weight=schedule["dice_weight"])
         parts["total"].backward()
@@ -300,7 +287,7 @@ def train_step(model, optimizer, micro_batches: list, class_names: list[str], lr
     if world_size > 1:
         dist.all_reduce(flat)  # sums of gradients over processes ...
         dist.all_reduce(sums)  # ... and of losses and pair counts
-    # ... divided by the global batch's pairs: max(count, P) = P * max(count / P, 1), the release's clamp
+    # ... divided by max(global pair count, P) = P * max(count / P, 1): the release's clamp (losses.py)
     pairs = sums[-1].clamp(min=world_size)
     flat /= pairs
     for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -312,91 +299,43 @@ def train_step(model, optimizer, micro_batches: list, class_names: list[str], lr
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: random states of every process, and the checks a resumed run must pass
-# ----------------------------------------------------------------------------------------------
-
-MUST_MATCH_ON_RESUME = ("dataset", "setting", "num_prompts", "crop_size", "matching", "seed")
-
-
-def rng_state() -> dict:
-    """This process's random states, as tensors and plain lists (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-                numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-                python=[version, list(internal), gauss_next])
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state["cuda"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def check_resume(ckpt: dict, args, schedule: dict, path: str) -> None:
-    """A run continues only with the settings it started with: one message listing what differs."""
-    saved = ckpt.get("args") or {}
-    if not saved or not ckpt.get("schedule"):
-        sys.exit(f"error: --resume {path} is not a checkpoint of a train.py run (a converted release "
-                 "checkpoint?): give it to --init-from instead")
-    wrong = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})"
-             for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
-    wrong += [f"schedule {k} {ckpt['schedule'].get(k)} (now {v})" for k, v in schedule.items()
-              if k != "micro_batch" and ckpt["schedule"].get(k) != v]
-    if wrong:
-        sys.exit(f"error: --resume {path} was started with other settings: " + ", ".join(wrong))
-
-
-def save_checkpoint(path: str, model, optimizer, step: int, args, schedule: dict, extra: dict,
-                    master: bool, world_size: int) -> None:
-    """Every process contributes its random states; rank 0 writes the file atomically."""
-    states = [None] * world_size
-    if world_size > 1:
-        dist.all_gather_object(states, rng_state())  # CPU tensors inside: pickled, whatever the backend
-    else:
-        states = [rng_state()]
-    if master:
-        checkpoint.atomic_save(dict(
-            format=checkpoint.FORMAT, model=checkpoint.trainable_state_dict(model),
-            optimizer=optimizer.state_dict(), step=step, rng=states, args=vars(args),
-            schedule=schedule, **extra), path)
-
-
-# ----------------------------------------------------------------------------------------------
 # Set-up: the cheap checks first (options, paths, checkpoints, the dataset's files), then the CLIP
 # ----------------------------------------------------------------------------------------------
 
-def class_texts(args, preset: dict) -> tuple[list[str], list[str], list[int], list[str]]:
-    """-> (templates, classes, unseen class indices, the classes trained on) of the preset."""
+def class_texts(args, preset: dict) -> tuple[list[str], list[str], torch.Tensor, list[str]]:
+    """-> (templates, classes, seen (data.seen_mask), the classes trained on) of the preset."""
     if args.num_prompts is not None and not 1 <= args.num_prompts <= len(preset["templates"]):
         sys.exit(f"error: --num-prompts must be 1..{len(preset['templates'])} for {args.dataset}")
-    classes, unseen = list(preset["classes"]), list(preset["unseen"])
-    if args.setting == "inductive":  # text and labels for the seen classes only (docs/release.md, "Inductive")
-        train_classes = [c for k, c in enumerate(classes) if k not in unseen]
-    else:
-        train_classes = classes
-    return preset["templates"][:args.num_prompts], classes, unseen, train_classes
+    classes = list(preset["classes"])
+    seen = data.seen_mask(len(classes), preset["unseen"])  # bool (K,)
+    # inductive: text and labels for the seen classes only (docs/release.md, "Inductive")
+    train_classes = [c for c, s in zip(classes, seen.tolist()) if s or args.setting != "inductive"]
+    return preset["templates"][:args.num_prompts], classes, seen, train_classes
 
 
 def output_directory(args) -> str:
     """--output-dir, or the --resume checkpoint's folder, or runs/DATASET-SETTING; not an existing file."""
-    output_dir = args.output_dir or (os.path.dirname(args.resume) if args.resume
+    output_dir = args.output_dir or (os.path.dirname(args.resume) if args.resume not in (None, "auto")
                                      else os.path.join("runs", f"{args.dataset}-{args.setting}"))
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         sys.exit(f"error: --output-dir {output_dir} is a file: give a directory (it is created if missing)")
     return output_dir
 
 
-def read_start_checkpoints(args, schedule: dict) -> tuple[dict | None, dict | None]:
-    """-> (the --resume checkpoint, checked against this run's settings; the --init-from checkpoint)."""
-    resume = checkpoint.read_checkpoint(args.resume) if args.resume else None
+def resume_path(args, output_dir: str) -> str | None:
+    """The checkpoint to continue from: --resume's, or with `--resume auto` OUTPUT_DIR/ckpt.pt if there is one
+    (it must then be this run's: another run's checkpoint in the folder is an error, never overwritten)."""
+    if args.resume != "auto":
+        return args.resume
+    path = os.path.join(output_dir, "ckpt.pt")
+    return path if os.path.isfile(path) else None
+
+
+def read_start_checkpoints(args, schedule: dict, resume_from: str | None) -> tuple[dict | None, dict | None]:
+    """-> (the checkpoint to resume, checked against this run's settings; the --init-from checkpoint)."""
+    resume = checkpoint.read_checkpoint(resume_from) if resume_from else None
     if resume is not None:
-        check_resume(resume, args, schedule, args.resume)
+        checkpoint.check_resume(resume, args, schedule, resume_from)
     init = checkpoint.read_checkpoint(args.init_from) if args.init_from and resume is None else None
     if init is not None and ("model" not in init or "clip" not in init):
         sys.exit(f"error: --init-from {args.init_from} is not a checkpoint of this project "
@@ -423,7 +362,7 @@ def build_model(args, schedule: dict, crop: int, templates: list[str], device: t
                 resume: dict | None, init: dict | None) -> tuple[OTSeg, dict]:
     """-> (OTSeg on `device` with the start checkpoint's weights loaded, the CLIP's description)."""
     torch.manual_seed(args.seed)  # the same initial prompts and head on every process
-    clip_model = checkpoint.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)  # exits on bad files
+    clip_model = checkpoint.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
     description = checkpoint.describe_clip(clip_model, args.clip_weights)
     model = OTSeg(clip_model, templates, matching=args.matching, implicit_grad=args.implicit_grad).to(device)
     for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
@@ -446,12 +385,10 @@ def build_optimizer(params: list[torch.Tensor], schedule: dict,
 
 def seed_processes(seed: int, rank: int, world_size: int, resume: dict | None) -> None:
     """Dropout differs between processes (data randomness is per sample); a resume restores it."""
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
     if resume is not None:
         if len(resume["rng"]) == world_size:
-            set_rng_state(resume["rng"][rank])
+            checkpoint.set_rng_state(resume["rng"][rank])
         else:
             print0(f"note: resuming with {world_size} processes instead of {len(resume['rng'])}: "
                    "the same data, other dropout masks")
@@ -463,18 +400,84 @@ def make_loader(train_set, batch_size: int, micro_batch: int, rank: int, world_s
     sampler = GlobalBatchSampler(len(train_set), batch_size, micro_batch, rank, world_size, seed, start_step)
     return torch.utils.data.DataLoader(
         SeededSamples(train_set, seed), batch_size=micro_batch, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda",  # pinned, so that main's non_blocking copies to the GPU are
+        pin_memory=device.type == "cuda",  # pinned: train's non_blocking copies to the GPU do not wait
         generator=torch.Generator().manual_seed(seed),  # its own: the workers' base seed leaves dropout's alone
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
 
 
-def dataset_error_message(error: data.DatasetError) -> str:
-    """The message of a DatasetError, also one raised in a data-loading worker (the DataLoader raises
-    it again in this process with the worker's traceback as its text; the last line is the original)."""
-    text = str(error).strip()
-    if "Original Traceback" not in text:
-        return text
-    return text.splitlines()[-1].split("DatasetError: ", 1)[-1]
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data-loading workers leave SIGTERM and ^C to their training process (StopSignal below): a
+    scheduler signals every process of a job, and a worker killed by it would abort the final save."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults a long run meets: a stop signal, a diverging loss, a failed write
+# ----------------------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption, torchrun passing on its own) or ^C is noted, not obeyed at once:
+    the loop finishes the step it is in, all processes agree to stop after the same step, ckpt.pt is
+    written there and the program exits with 128 + the signal's number (143, 130), as a shell reports a
+    process the signal ended. A second signal ends the process at once.
+
+    The agreement is one integer all-reduced per step, on the host: the default group under gloo, a
+    gloo group of its own beside NCCL, so that the GPU's stream never waits for it.
+    """
+
+    def __init__(self, world_size: int):
+        self.received, self.world_size = 0, world_size
+        self.group = dist.new_group(backend="gloo") if world_size > 1 and dist.get_backend() != "gloo" else None
+        self.previous = {number: signal.signal(number, self.note) for number in STOP_SIGNALS}
+
+    def note(self, number, frame) -> None:
+        self.received = number
+        for other in STOP_SIGNALS:
+            signal.signal(other, signal.SIG_DFL)
+
+    def agreed(self) -> int:
+        """The signal any process has received (0: none), the same on every process."""
+        if self.world_size == 1:
+            return self.received
+        flag = torch.tensor([self.received])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+class Divergence:
+    """The first step whose loss is not finite, kept on the device: no host sync of its own. It is read
+    where the host waits anyway (a logged step, a save), so a diverged run stops at most --log-every
+    steps late, and never saves a checkpoint holding a non-finite weight (checked again at each save:
+    a non-finite gradient makes the next weights so even where the loss was still finite)."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss so far finite
+        self.loss = torch.zeros((), device=device)
+
+    def update(self, done: int, loss: torch.Tensor) -> None:
+        first = ~torch.isfinite(loss) & (self.step == 0)
+        self.loss = torch.where(first, loss.float(), self.loss)
+        self.step = torch.where(first, done, self.step)
+
+    def message(self, params: list[torch.Tensor], saving: bool) -> str | None:
+        """None while all is well; else the error line (the stop's reason and what to try)."""
+        step = int(self.step)
+        if step:
+            reason = f"loss is {float(self.loss)} at step {step}"
+        elif saving and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            reason = "the weights are no longer finite (a non-finite gradient)"
+        else:
+            return None
+        return (f"error: {reason}: stopped without saving, the last checkpoint is kept; try a lower --lr, "
+                "or train without --amp")
 
 
 class RunLog:
@@ -537,6 +540,13 @@ class RunLog:
 # ----------------------------------------------------------------------------------------------
 
 def main(args) -> None:
+    try:
+        train(args)
+    except checkpoint.CheckpointError as error:  # a checkpoint or weights file that does not fit: one line
+        sys.exit(f"error: {error}")
+
+
+def train(args) -> None:
     rank, world_size, device = setup_distributed(args.device)
     master = rank == 0
     schedule = make_schedule(args)
@@ -545,13 +555,13 @@ def main(args) -> None:
         preset = data.get_preset(args.dataset, args.crop_size)
     except ValueError as error:  # a preset that cannot be right (e.g. a class named twice)
         sys.exit(f"error: --dataset {args.dataset}: {error}")
-    templates, classes, unseen, train_classes = class_texts(args, preset)
+    templates, classes, seen, train_classes = class_texts(args, preset)
     accumulation = accumulation_steps(schedule["batch_size"], schedule["micro_batch"], world_size)
     micro_batch = schedule["batch_size"] // (world_size * accumulation)
 
     # Everything that can be wrong is checked before anything is written; the CLIP's weights last.
     output_dir = output_directory(args)
-    resume, init = read_start_checkpoints(args, schedule)
+    resume, init = read_start_checkpoints(args, schedule, resume_path(args, output_dir))
     train_set, val_set = build_datasets(args, preset)
     model, description = build_model(args, schedule, preset["crop_size"], templates, device, resume, init)
     params = [p for _, p in trainable_parameters(model)]
@@ -562,9 +572,6 @@ def main(args) -> None:
     seed_processes(args.seed, rank, world_size, resume)
 
     window = data.window_of(preset)
-    extra = dict(clip=description, templates=templates, matching=args.matching, dataset=args.dataset,
-                 setting=args.setting, classes=classes, unseen=unseen, crop_size=preset["crop_size"],
-                 window={k: list(v) for k, v in window.items()})
     created = master and not os.path.isdir(output_dir)
     if master:
         try:
@@ -577,8 +584,32 @@ def main(args) -> None:
               f"prompts, {len(train_set)} training images, {world_size} process(es)")
 
     def save(name: str, step: int, **more) -> None:
-        save_checkpoint(os.path.join(output_dir, name), model, optimizer, step, args, schedule,
-                        dict(extra, best=best, **more), master, world_size)
+        """Every process takes part (random states); a failed write (a full disk, a folder gone) ends
+        the run on every process with one line, and the previous checkpoint stays as it was."""
+        path, failed = os.path.join(output_dir, name), None
+        message = divergence.message(params, saving=True)
+        if message:
+            stop_run(message)
+        ckpt = checkpoint.make_checkpoint(
+            checkpoint.trainable_state_dict(model), description, templates, args.matching, args.dataset,
+            args.setting, classes, list(preset["unseen"]), preset["crop_size"], window, step, vars(args), schedule,
+            optimizer=optimizer.state_dict(), best=best, **more)
+        try:
+            checkpoint.save_checkpoint(path, ckpt, master, world_size)
+        except OSError as error:
+            failed = error
+        if world_size > 1:  # rank 0 writes: every process learns whether it could
+            flag = torch.tensor([failed is not None])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_signal.group)
+            failed = failed or (OSError("rank 0 could not write it") if flag else None)
+        if failed:
+            stop_run(f"error: cannot write {path} ({failed.strerror or failed}): stopped; the previous "
+                     f"checkpoint in {output_dir} is kept (free space, then rerun with --resume auto)")
+
+    def stop_run(message: str | None, code: int = 1) -> None:
+        """End the run on this process (every process comes here together): one line from rank 0."""
+        log.close()
+        sys.exit(message if message and master else code)
 
     loader = make_loader(train_set, schedule["batch_size"], micro_batch, rank, world_size, args.seed,
                          start_step, args.workers, device)
@@ -586,8 +617,9 @@ def main(args) -> None:
     precision = autocast(device, args.amp)
     if args.amp and device.type != "cuda":
         print0("note: --amp is for CUDA; training in fp32")
-    unseen_lookup = lookup_table(unseen, device) if args.setting == "transductive" else None
+    pseudo_seen = seen.to(device) if args.setting == "transductive" else None  # train_step pseudo-labels with it
     stop = iters if args.stop_after is None else min(iters, start_step + args.stop_after)
+    divergence, stop_signal = Divergence(device), StopSignal(world_size)
 
     model.train()
     batches = iter(loader)
@@ -598,28 +630,45 @@ def main(args) -> None:
                              for b in micro_batches]
             lr = learning_rate(step, schedule)
             values = train_step(forward, optimizer, micro_batches, train_classes, lr, params, world_size,
-                                precision, schedule, unseen_lookup)
+                                precision, schedule, pseudo_seen)
             done = step + 1
-            log.step(done, lr, values if done % args.log_every == 0 or done == stop else None)
+            divergence.update(done, values["loss"])
+            logged = done % args.log_every == 0 or done == stop
+            log.step(done, lr, values if logged else None)
+            if logged:  # the host has just waited for this step's values: reading the flag costs nothing
+                message = divergence.message(params, saving=False)
+                if message:
+                    stop_run(message)
             if args.eval_every and done % args.eval_every == 0:
-                results = evaluate.evaluate(model, val_set, classes, unseen, args.setting == "inductive",
+                results = evaluate.evaluate(model, val_set, classes, seen, args.setting == "inductive",
                                             window, device, args.amp, args.workers, progress=False)
                 log.evaluation(done, results)
-                score = results["OTSeg+"]["hiou"] if unseen else results["OTSeg+"]["miou"]
+                score = results["OTSeg+"]["miou"] if seen.all() else results["OTSeg+"]["hiou"]
                 if score > best:
                     best = score
                     save("best.pt", done, metrics=results)
             if done == iters // 2:  # the transductive setting starts from here (docs/release.md, "Transductive")
                 save(f"iter_{done}.pt", done)
-            if done % args.save_every == 0 or done == stop:
+            received = stop_signal.agreed()
+            if done % args.save_every == 0 or done == stop or received:
                 save("ckpt.pt", done)
+            if received:
+                print0(f"stopped by {signal.Signals(received).name} after step {done}: saved "
+                       f"{os.path.join(output_dir, 'ckpt.pt')} (continue with --resume auto)")
+                close_distributed()
+                stop_run(None, 128 + received)
     except data.DatasetError as error:  # a damaged file met by a worker: one line, no empty run left
         log.close()
         if created and os.listdir(output_dir) == ["log.jsonl"]:
             shutil.rmtree(output_dir)
-        sys.exit(f"error: {dataset_error_message(error)}")
+        sys.exit(f"error: {error}")
+    finally:
+        stop_signal.restore()
     log.close()
-    print0(f"saved {os.path.join(output_dir, 'ckpt.pt')} at step {stop} of {iters}")
+    if start_step >= stop:
+        print0(f"nothing to do: {os.path.join(output_dir, 'ckpt.pt')} is at step {start_step} of {iters}")
+    else:
+        print0(f"saved {os.path.join(output_dir, 'ckpt.pt')} at step {stop} of {iters}")
     close_distributed()
 
 

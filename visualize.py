@@ -6,7 +6,7 @@ Sinkhorn (sinkhorn.py) splits each pixel's mass over the prompts, and the maps M
 part of the object each prompt took (paper Sec. 4.2, Fig. 5). `prompt_score_maps` computes both from
 the same steps as OTSeg.forward; `prompt_grid` lays them out side by side.
 
-This file only draws: predictions come from evaluate.py, which calls it for
+This file only draws (and writes the pictures): predictions come from evaluate.py, which calls it for
 
     python evaluate.py --checkpoint ckpt.pt --data-root DATA --visualize vis/    # validation images
     python evaluate.py --checkpoint ckpt.pt --image cat.jpg --classes "cat,grass,sky"
@@ -17,12 +17,15 @@ ignored pixels (label 255) are black.
 Notation: B batch, K classes, N prompts, M pixels (h*w tokens), C channels.
 """
 import math
+import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+from common import atomic_save
 from model import OTSeg
 from sinkhorn import mps
 
@@ -30,9 +33,26 @@ MIN_HEIGHT = 256  # pictures of small images are enlarged to at least this heigh
 LEGEND_ROW = 16   # height of a legend row: the default bitmap font's 11-pixel text and a 12-pixel swatch
 
 
+def color_palette() -> list[int]:
+    """VOC's colour map, the palette of its SegmentationClass PNGs (256 RGB triples, flattened; index 255 is
+    the boundary colour (224, 224, 192)). Pictures of labels use it, and tools/datasets.py
+    writes VOC's PNGs with it."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(8):               # spread the bits of the index over the three channels
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
 def colourize(label: torch.Tensor) -> Image.Image:
     """(H, W) class indices (255 = ignored, black) -> RGB image with VOC's colour map, shifted by 1."""
-    palette = np.array(data.color_palette(), dtype=np.uint8).reshape(256, 3)
+    palette = np.array(color_palette(), dtype=np.uint8).reshape(256, 3)
     colours = np.concatenate([palette[1:], np.zeros((1, 3), np.uint8)])  # class k -> colour k + 1
     return Image.fromarray(colours[label.cpu().numpy().astype(np.uint8)])
 
@@ -128,3 +148,42 @@ def prompt_grid(plain: torch.Tensor, refined: torch.Tensor, templates: list[str]
         for column, maps in enumerate((plain, refined)):
             grid.paste(heatmap(maps[n]).resize((tile, tile), Image.NEAREST), (label_width + column * (tile + 6), y))
     return grid
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the pictures of evaluate.py --visualize and --image
+# ----------------------------------------------------------------------------------------------
+
+def save_picture(picture, path: str) -> str:
+    """Write a PIL picture atomically: a failure never leaves half a picture."""
+    with atomic_save(path) as tmp:
+        picture.save(tmp)
+    return path
+
+
+@torch.no_grad()
+def write_pictures(model: OTSeg, dataset, class_names: list[str], predict_labels, crop: tuple[int, int],
+                   out_dir: str, count: int, device: torch.device) -> list[str]:
+    """For `count` validation images: image | ground truth | OTSeg+ prediction (`_prediction.png`), and
+    the per-prompt score maps of the image's largest class in its first window of size `crop`
+    (`_prompts_CLASS.png`). predict_labels(image (3, h, w), (H0, W0)) -> (H0, W0) class indices
+    (evaluate.py's sliding window)."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for index in range(min(count, len(dataset))):
+        sample = dataset[index]
+        image, label = sample["image"].to(device), sample["label"]  # (3, h, w) normalised, (H0, W0)
+        pred = predict_labels(image, label.shape).cpu()
+        raw, _ = dataset.load(index)  # the image as read, uint8 (3, H0, W0)
+        strip = prediction_strip(to_picture(raw), label, pred, class_names)
+        written.append(save_picture(strip, os.path.join(out_dir, f"{sample['name']}_prediction.png")))
+
+        k = int(torch.bincount(label[label < len(class_names)].flatten(), minlength=len(class_names)).argmax())
+        (crop_h, crop_w), (_, height, width) = crop, image.shape
+        first = F.pad(image, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))[:, :crop_h, :crop_w]
+        plain, refined = prompt_score_maps(model, first[None], class_names)  # (1, K, N, h, w) each
+        grid = prompt_grid(plain[0, k], refined[0, k], model.templates, class_names[k])
+        name = f"{sample['name']}_prompts_{class_names[k].replace(' ', '_')}.png"
+        written.append(save_picture(grid, os.path.join(out_dir, name)))
+    return written

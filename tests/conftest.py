@@ -5,7 +5,7 @@ import torch
 
 import checkpoint
 import data
-import data_tools
+from tools import datasets
 from model import OTSeg, trainable_parameters
 
 
@@ -32,7 +32,7 @@ def one_thread():
 def fake_roots(tmp_path_factory):
     """Every dataset of data.py generated in its real on-disk layout: {name: root}."""
     base = tmp_path_factory.mktemp("fake")
-    return {name: data_tools.make_fake_dataset(name, str(base), seed=i) for i, name in enumerate(data.DATASETS)}
+    return {name: datasets.make_fake_dataset(name, str(base), seed=i) for i, name in enumerate(data.DATASETS)}
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +48,11 @@ def make_tiny_checkpoint(tmp_path_factory):
         if random_head:
             for _, p in trainable_parameters(model):
                 p.data.normal_()
-        ckpt = dict(format=checkpoint.FORMAT, model=checkpoint.trainable_state_dict(model),
-                    clip=checkpoint.describe_clip(clip_model, "random-tiny"), templates=model.templates,
-                    matching="sinkhorn", dataset="voc", setting="inductive", classes=list(preset["classes"]),
-                    unseen=list(preset["unseen"]), crop_size=64, window=dict(crop=[64, 64], stride=[40, 40]),
-                    step=0, args={}, schedule={})
+        ckpt = checkpoint.make_checkpoint(
+            checkpoint.trainable_state_dict(model), checkpoint.describe_clip(clip_model, "random-tiny"),
+            model.templates, "sinkhorn", "voc", "inductive", preset["classes"], preset["unseen"], 64,
+            dict(crop=[64, 64], stride=[40, 40]), step=0, args={}, schedule={})
         path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-        checkpoint.atomic_save(ckpt, str(path))
+        checkpoint.save(ckpt, str(path))
         return str(path), model
     return make

@@ -1,4 +1,4 @@
-"""benchmark.py: the paper's Table 3 counting convention by hand, the release's unused weights as
+"""tools/benchmark.py: the paper's Table 3 counting convention by hand, the release's unused weights as
 PyTorch's own decoder layer counts them, and the rows that must equal the model they measure.
 
 Everything runs on the CPU with the small random CLIP (clip.TINY).
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import benchmark
+from tools import benchmark
 import checkpoint
 import data
 from model import OTSeg, trainable_parameters
@@ -115,3 +115,28 @@ def test_count_host_syncs_counts_bool_and_item():
         x + 1  # no synchronisation
     assert syncs["n"] == 2
     assert torch.Tensor.__bool__ is not None and bool(torch.tensor(1.0))  # the methods are put back
+
+
+def test_host_syncs_are_counted_by_the_line_that_asks_and_cpu_work_is_not():
+    x = torch.arange(10.0)
+    with benchmark.HostSyncs() as syncs:
+        x[x > 4]                                   # boolean-mask indexing: its size is data
+        bool(x.sum() > 3)                          # a value read on the host
+        torch.bincount(x.long())                   # reads the largest value first
+        x.nonzero()
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(x.clone())])
+        optimizer.step()                           # AdamW's step counters live on the CPU by design
+        list(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=5))  # CPU work
+    kinds = sorted(kind for kind, where in syncs.counts)
+    assert kinds == ["bincount", "boolean-mask indexing", "item()/bool()/float()", "nonzero"], syncs.counts
+    assert all(where.startswith("tests/test_benchmark.py:") for _, where in syncs.counts)
+    assert sum(syncs.counts.values()) == 4
+
+
+def test_a_training_step_and_an_evaluated_image_wait_for_the_device_only_in_sinkhorn():
+    """The hot paths' host synchronisations, as `tools/benchmark.py --only syncs` counts them: Sinkhorn's
+    convergence tests and nothing else (the confusion matrix used to ask for 6 per image)."""
+    table = benchmark.bench_syncs(torch.device("cpu"), quick=True)
+    where = [row[0] for row in table.rows[:-1]]
+    assert all(w.startswith("sinkhorn.py:") for w in where), table.rows
+    assert table.rows[-1][0] == "total" and table.rows[-1][3] <= 4 * 19  # 4 solves of at most 19 tests

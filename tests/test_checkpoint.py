@@ -1,9 +1,12 @@
-"""checkpoint.py: the authors' released checkpoints, laid out exactly as MMCV writes them, convert to the
-model they were saved from (in Python and with `evaluate.py --convert`), and every bad checkpoint or
-CLIP file ends in one line `error: ...` with nothing written. CPU, small random CLIP, generated data.
+"""checkpoint.py: the authors' released checkpoints convert to every parameter of OTSeg, each from the
+release's entry of the same meaning: at full size from the names and shapes of the real released VOC
+checkpoint (tests/data/release_voc_parameters.txt), and end to end from a small file laid out as MMCV
+writes it (in Python and with `evaluate.py --convert`); every bad checkpoint or CLIP file ends in one
+line `error: ...` with nothing written. CPU, small random CLIP, generated data.
 """
 import json
 import os
+import re
 from collections import OrderedDict
 
 import pytest
@@ -13,7 +16,7 @@ from torch import nn
 import checkpoint as checkpoints  # the module; `checkpoint` is the fixture below
 import clip
 import data
-import data_tools
+from tools import datasets
 import evaluate
 from model import OTSeg, trainable_parameters
 
@@ -44,7 +47,7 @@ def checkpoint(make_tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
-    return data_tools.make_fake_dataset("voc", str(tmp_path_factory.mktemp("data")), num_train=1, num_val=2,
+    return datasets.make_fake_dataset("voc", str(tmp_path_factory.mktemp("data")), num_train=1, num_val=2,
                                         size=(40, 52))
 
 
@@ -74,8 +77,10 @@ def release_head(dim: int, num_loss_classes: int) -> nn.Module:
 
 
 def release_checkpoint(model: OTSeg, crop: int) -> dict:
-    """What the release saves for `model`: MMCV's {'meta', 'state_dict', 'optimizer'}, every parameter and
-    persistent buffer of its modules under 'backbone.', 'text_encoder.' and 'decode_head.'."""
+    """What the release saves when trained on `model`'s CLIP: MMCV's {'meta', 'state_dict', 'optimizer'},
+    every parameter and persistent buffer of its modules under 'backbone.', 'text_encoder.' and
+    'decode_head.'. The trained weights are random (none is copied from `model`: the converter alone
+    decides where each goes); the names are the real release's (test_the_fake_release_has_...)."""
     torch.manual_seed(2)
     frozen = {k: v for k, v in model.clip.state_dict().items() if not k.startswith("visual.prompt")}
     width, patch = frozen["visual.conv1.weight"].shape[0], frozen["visual.conv1.weight"].shape[-1]
@@ -97,21 +102,8 @@ def release_checkpoint(model: OTSeg, crop: int) -> dict:
     sum(p.sum() for p in trained).backward()
     optimizer.step()  # Adam's moments exist after the first step
     with torch.no_grad():
-        for p in head.parameters():  # the parts OTSeg never uses hold random numbers, as after training
+        for p in trained:  # every trained weight far from any initialisation, as after training
             p.normal_()
-        ours = model.clip.visual
-        for name in ("prompt_embeddings", "deep_prompt_embeddings"):
-            getattr(vpt, name).copy_(getattr(ours, name))
-        vpt.prompt_proj.load_state_dict(ours.prompt_proj.state_dict())
-        vpt.prompt_norm.load_state_dict(ours.prompt_norm.state_dict())
-        head.q_proj.load_state_dict(model.relationship_descriptor.state_dict())
-        for mine, theirs in zip(model.decoder.layers, head.decoder_1.layers):
-            for a, b in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("out_proj", "proj")):
-                if hasattr(mine.cross_attn, a):  # the last layer has only q and k
-                    getattr(theirs.multihead_attn, b).load_state_dict(getattr(mine.cross_attn, a).state_dict())
-            for name in ("linear1", "linear2", "norm2", "norm3"):
-                if hasattr(mine, name):
-                    getattr(theirs, name).load_state_dict(getattr(mine, name).state_dict())
     backbone.update(vpt.state_dict())
     state_dict = OrderedDict()
     for prefix, part in (("backbone.", backbone), ("text_encoder.", text_encoder), ("decode_head.", head.state_dict())):
@@ -123,23 +115,103 @@ def release_checkpoint(model: OTSeg, crop: int) -> dict:
     return {"meta": meta, "state_dict": state_dict, "optimizer": optimizer.state_dict()}
 
 
-def test_the_layout_holds_what_mmcv_saves_of_the_releases_modules(checkpoint):
-    sd = release_checkpoint(checkpoint[1], 512)["state_dict"]
-    assert "decode_head.loss_decode.criterion.empty_weight" in sd
-    per_layer = [k for k in sd if k.startswith("decode_head.decoder_1.layers.0.")]
-    assert len(per_layer) == 4 + 8 + 4 + 6  # self_attn (4), q/k/v/proj (8), two linears (4), three norms (6)
-    assert sd["backbone.positional_embedding"].shape[0] == 32 * 32 + 1 and "text_encoder.ln_final.weight" in sd
+# ----------------------------------------------------------------------------------------------
+# The real release's parameters: names and shapes listed from its own model code (tests/data)
+# ----------------------------------------------------------------------------------------------
+
+def release_sources() -> dict[str, str]:
+    """Our trainable parameter -> the release's entry of the same meaning, written out by hand from the
+    release's module names (AttentionOT's q, k, v, proj; TransformerDecoderLayer's linear and norm layers;
+    ATMSingleHeadSeg's q_proj; VPT's prompts): our cross-attention's last layer uses only q and k."""
+    expected = {"clip.visual.prompt_embeddings": "backbone.prompt_embeddings",
+                "clip.visual.deep_prompt_embeddings": "backbone.deep_prompt_embeddings"}
+    for p in ("weight", "bias"):
+        expected.update({f"clip.visual.prompt_proj.{p}": f"backbone.prompt_proj.{p}",
+                         f"clip.visual.prompt_norm.{p}": f"backbone.prompt_norm.{p}",
+                         f"relationship_descriptor.{p}": f"decode_head.q_proj.{p}"})
+        for i in range(3):
+            layer, theirs = f"decoder.layers.{i}.", f"decode_head.decoder_1.layers.{i}."
+            pairs = [("q_proj", "q"), ("k_proj", "k")] + ([("v_proj", "v"), ("out_proj", "proj")] if i < 2 else [])
+            expected.update({f"{layer}cross_attn.{a}.{p}": f"{theirs}multihead_attn.{b}.{p}" for a, b in pairs})
+            if i < 2:
+                expected.update({f"{layer}{n}.{p}": f"{theirs}{n}.{p}" for n in ("linear1", "linear2", "norm2", "norm3")})
+    return expected
 
 
-def test_release_checkpoint_converts_to_the_model_it_was_saved_from(checkpoint, tmp_path):
+RELEASE_VOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "release_voc_parameters.txt")
+
+
+def release_voc_parameters() -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, 'trained' | 'frozen' | 'buffer') of every entry of the released VOC checkpoint."""
+    rows = []
+    with open(RELEASE_VOC) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                name, shape, kind = line.split()
+                rows.append((name, tuple(int(size) for size in shape.split("x")), kind))
+    return rows
+
+
+def test_the_releases_voc_parameters_convert_to_every_parameter_of_ours():
+    """A state dict with the released VOC checkpoint's names and shapes (random values) converts to every
+    trainable parameter of OTSeg on ViT-B/16 with 10 prompt tokens, each with its shape, each taken from
+    the release's entry of the same meaning (read off the release's names, not off our mapping)."""
+    rows = release_voc_parameters()
+    assert len(rows) == 376 and sum(kind == "trained" for _, _, kind in rows) == 74
+    g = torch.Generator().manual_seed(0)
+    state_dict = {name: torch.randn(shape, generator=g) if kind == "trained"
+                  else torch.zeros(()).expand(shape)  # the frozen CLIP is dropped: no memory for it
+                  for name, shape, kind in rows}
+    preset = data.get_preset("voc")
+    with torch.device("meta"):  # ViT-B/16's sizes without its memory
+        vit = clip.CLIP(**dict(clip.VIT_B_16, image_resolution=preset["crop_size"]), prompt_tokens=10)
+        ours = dict(trainable_parameters(OTSeg(vit, preset["templates"])))
+    converted = checkpoints.convert_release_state_dict(state_dict, ours)
+    assert sorted(converted) == sorted(ours)
+    wrong = {n: (tuple(v.shape), tuple(ours[n].shape)) for n, v in converted.items() if v.shape != ours[n].shape}
+    assert not wrong, wrong
+    trained = {name: state_dict[name] for name, _, kind in rows if kind == "trained"}
+    source = {}  # our name -> the release's entry holding the same numbers
+    for name, value in converted.items():
+        hits = [k for k, t in trained.items() if t.shape == value.shape and torch.equal(t, value)]
+        assert len(hits) == 1, (name, hits)
+        source[name] = hits[0]
+    expected = release_sources()
+    assert source == expected, {k: (source.get(k), expected.get(k)) for k in set(source) | set(expected)
+                                if source.get(k) != expected.get(k)}
+
+
+def collapse_blocks(names) -> set[str]:
+    """Names with the transformer block numbers of CLIP's towers replaced by '*' (their count is CLIP's size)."""
+    return {re.sub(r"transformer\.resblocks\.\d+\.", "transformer.resblocks.*.", n) for n in names}
+
+
+def test_the_fake_release_has_the_real_releases_names(checkpoint):
+    """The small fake release below (the end-to-end tests) holds exactly the real release's names, up to
+    the number of CLIP blocks, and its head has the real head's shapes relative to the width."""
+    fake = release_checkpoint(checkpoint[1], 512)["state_dict"]
+    rows = release_voc_parameters()
+    assert collapse_blocks(fake) == collapse_blocks(name for name, _, _ in rows)
+    assert fake["backbone.positional_embedding"].shape[0] == 32 * 32 + 1  # 512 px, patch 16, as the release's
+    real_width = dict((n, s) for n, s, _ in rows)["decode_head.q_proj.bias"][0]
+    fake_width = fake["decode_head.q_proj.bias"].shape[0]
+    for name, shape, _ in rows:
+        if name.startswith("decode_head.decoder_1.") or name.startswith("decode_head.q_proj."):
+            assert tuple(s * fake_width // real_width for s in shape) == tuple(fake[name].shape), name
+
+
+def test_release_checkpoint_file_converts_and_loads(checkpoint, tmp_path):
     _, model = checkpoint
-    torch.save(release_checkpoint(model, 512), tmp_path / "release.pth")
+    release = release_checkpoint(model, 512)
+    torch.save(release, tmp_path / "release.pth")
     read = checkpoints.read_checkpoint(str(tmp_path / "release.pth"))  # weights_only: MMCV's file is plain data
     ckpt = checkpoints.convert_release_checkpoint(read, "voc", "inductive", "random-tiny", CPU)
     assert ckpt["clip"]["prompt_tokens"] == PROMPT_TOKENS and ckpt["step"] == 20000 and ckpt["crop_size"] == 512
-    for name, p in trainable_parameters(model):
-        assert torch.equal(ckpt["model"][name], p.detach()), f"{name}: largest difference " \
-                                                             f"{(ckpt['model'][name] - p).abs().max()}"
+    loaded = dict(trainable_parameters(checkpoints.build_model_from_checkpoint(ckpt, None, CPU)))
+    sources = release_sources()
+    assert sorted(loaded) == sorted(sources)
+    for name, p in loaded.items():
+        assert torch.equal(p, release["state_dict"][sources[name]]), name
 
 
 def test_convert_from_the_command_line_evaluates_as_the_original(checkpoint, voc_root, tmp_path):
@@ -155,7 +227,8 @@ def test_convert_from_the_command_line_evaluates_as_the_original(checkpoint, voc
         assert converted[name]["confusion"] == original[name]["confusion"], name
     saved = torch.load(tmp_path / "converted.pt", weights_only=True)
     assert saved["dataset"] == "voc" and saved["setting"] == "inductive"
-    assert all(torch.equal(saved["model"][n], p.detach()) for n, p in trainable_parameters(model))
+    release = torch.load(tmp_path / "release.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved["model"][n], release[k]) for n, k in release_sources().items())
 
 
 # ----------------------------------------------------------------------------------------------

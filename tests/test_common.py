@@ -79,6 +79,19 @@ def test_setup_on_gpus_binds_each_process_to_its_gpu(torch_version, monkeypatch)
     assert calls[1] == expected
 
 
+def test_one_process_on_another_gpu_makes_it_the_current_device(monkeypatch):
+    """`--device cuda:1` without torchrun: GPU 1 becomes current, so that what reads the current device
+    (the CUDA random state of a checkpoint, peak memory) reads GPU 1, not GPU 0. No GPU needed."""
+    monkeypatch.delenv("RANK", raising=False)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    assert common.setup_distributed("cuda:1") == (0, 1, torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1)]
+    calls.clear()
+    assert common.setup_distributed("cuda") == (0, 1, torch.device("cuda"))  # no index: the current one stays
+    assert calls == []
+
+
 def test_setup_without_torchrun_is_one_process(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert common.setup_distributed("cpu") == (0, 1, torch.device("cpu"))

@@ -13,7 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
-import data_tools
+from tools import datasets
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 @pytest.fixture
 def small_voc(tmp_path):
     """A fresh tiny VOC that a test may break."""
-    return data_tools.make_fake_dataset('voc', str(tmp_path), num_train=2, num_val=1, size=(32, 48))
+    return datasets.make_fake_dataset('voc', str(tmp_path), num_train=2, num_val=1, size=(32, 48))
 
 
 def raw_label(path):
@@ -95,16 +95,16 @@ def test_reduce_zero_label_table_by_hand():
 
 
 def test_remap_table_voc_by_hand():
-    inductive = data.label_remap_table(20, data.VOC_UNSEEN, 'inductive')
+    inductive = data.label_remap_table(data.seen_mask(20, data.VOC_UNSEEN), 'inductive')
     expected = list(range(15)) + [255] * 5          # classes 15..19 (pottedplant..tvmonitor) unseen
     assert inductive[:20].tolist() == expected and inductive[255] == 255 and (inductive[20:] == 255).all()
     for setting in ('transductive', 'fully'):
-        table = data.label_remap_table(20, data.VOC_UNSEEN, setting)
+        table = data.label_remap_table(data.seen_mask(20, data.VOC_UNSEEN), setting)
         assert table[:20].tolist() == list(range(20)) and table[255] == 255
 
 
 def test_remap_table_context_by_hand():
-    table = data.label_remap_table(59, data.CONTEXT_UNSEEN, 'inductive')
+    table = data.label_remap_table(data.seen_mask(59, data.CONTEXT_UNSEEN), 'inductive')
     # unseen 0, 6, 7, 14, 19, 24, 31, 33, 48, 54: a seen class moves down by the unseen ones before it
     hand = {0: 255, 1: 0, 5: 4, 6: 255, 7: 255, 8: 5, 13: 10, 14: 255, 15: 11, 58: 48, 255: 255}
     assert {k: int(table[k]) for k in hand} == hand
@@ -171,7 +171,7 @@ def test_dict_preset_with_plain_folder_layout(tmp_path):
     shapes = dict(classes=['circle', 'square', 'triangle'], unseen=[2], folder=None, crop_size=64,
                   splits={split: [dict(images=f'images/{split}', labels=f'annotations/{split}')]
                           for split in ('train', 'val')})
-    root = data_tools.make_fake_dataset(shapes, str(tmp_path), num_train=3, num_val=1, size=(40, 56))
+    root = datasets.make_fake_dataset(shapes, str(tmp_path), num_train=3, num_val=1, size=(40, 56))
     assert sorted(p.name for p in (tmp_path / 'images' / 'train').iterdir())[0].endswith('.jpg')
     dataset = data.SegmentationDataset(shapes, root, 'train', 'inductive', data.train_transform(shapes))
     item = dataset[0]
@@ -184,7 +184,7 @@ def test_dict_preset_with_plain_folder_layout(tmp_path):
 @pytest.mark.parametrize('name', list(data.DATASETS))
 def test_pipeline_keeps_labels_in_range(fake_roots, name):
     crop = data.DATASETS[name]['crop_size']
-    for setting in ('inductive', 'transductive', 'fully'):
+    for setting in data.SETTINGS:
         dataset = data.SegmentationDataset(name, fake_roots[name], 'train', setting, data.train_transform(name))
         k = len(dataset.class_names)
         torch.manual_seed(0)
@@ -489,7 +489,7 @@ def test_a_dataloader_repeats_with_the_same_generator_seed(fake_roots):
 # ---------------------------------------------------------------------------------------------- errors
 
 def test_missing_root(tmp_path):
-    with pytest.raises(data.DatasetError, match='does not exist.*data_tools.py fake'):
+    with pytest.raises(data.DatasetError, match='does not exist.*python -m tools.datasets fake'):
         data.SegmentationDataset('voc', str(tmp_path / 'nowhere'), 'train')
 
 

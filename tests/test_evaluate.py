@@ -15,7 +15,7 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import data
-import data_tools
+from tools import datasets
 import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +24,9 @@ CPU = torch.device("cpu")
 VOC_COLOURS = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
                (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
                (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128)]
-# The normalisations on 0-255 values: MMSegmentation's ImageNet constants, and OpenAI CLIP's preprocessing
-IMAGENET = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-CLIP_STATS = tuple(255 * v for v in (0.48145466, 0.4578275, 0.40821073)), \
-    tuple(255 * v for v in (0.26862954, 0.26130258, 0.27577711))
+# The normalisations on 0-255 values (test_data.py compares them with torchvision's and open_clip's)
+IMAGENET = data.IMAGENET_MEAN, data.IMAGENET_STD
+CLIP_STATS = data.CLIP_MEAN, data.CLIP_STD
 
 
 def run_main(*argv):
@@ -48,8 +47,8 @@ def expect_error(tmp_path, match: str, *argv):
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    return dict(voc=data_tools.make_fake_dataset("voc", root, num_train=1, num_val=3, size=(70, 90)),
-                ade=data_tools.make_fake_dataset("ade", root, num_train=1, num_val=2, size=(50, 80)))
+    return dict(voc=datasets.make_fake_dataset("voc", root, num_train=1, num_val=3, size=(70, 90)),
+                ade=datasets.make_fake_dataset("ade", root, num_train=1, num_val=2, size=(50, 80)))
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +68,59 @@ def test_iou_matches_torchmetrics_with_nan_for_absent_classes():
     label[:, :5] = 255  # ignored pixels
     pred = torch.randint(0, K - 1, (3, 40, 50))  # class 5 never predicted either: IoU NaN; 4 predicted: 0
     conf = evaluate.confusion_matrix(pred, label, K)
-    ours = torch.tensor(evaluate.segmentation_metrics(conf, unseen=[1, 2])["iou"], dtype=torch.float64) / 100
+    seen = torch.tensor([True, False, False, True, True, True])  # classes 1 and 2 unseen
+    assert torch.equal(data.seen_mask(K, [1, 2]), seen)
+    ours = torch.tensor(evaluate.segmentation_metrics(conf, seen)["iou"], dtype=torch.float64) / 100
     jaccard = MulticlassJaccardIndex(K, average="none", ignore_index=255, zero_division=float("nan"))
     theirs = jaccard(pred, label).double()
     assert math.isnan(ours[5]) and ours[4] == 0
     assert torch.allclose(ours, theirs, equal_nan=True), f"largest difference {(ours - theirs).abs().nanmax()}"
-    metrics = evaluate.segmentation_metrics(conf, unseen=[1, 2])
+    metrics = evaluate.segmentation_metrics(conf, seen)
     assert metrics["miou_unseen"] == pytest.approx(theirs[[1, 2]].nanmean().item() * 100)
     assert metrics["miou_seen"] == pytest.approx(theirs[[0, 3, 4, 5]].nanmean().item() * 100)
     keep = label != 255
     assert metrics["pixel_accuracy"] == pytest.approx((pred[keep] == label[keep]).double().mean().item() * 100)
+
+
+def test_confusion_matrix_equals_boolean_indexing_and_bincount():
+    """The scatter_add_ form against the plain one (keep the labelled pixels, bincount their pairs), on
+    random predictions and labels with ignored pixels, in both label dtypes a dataset gives."""
+    torch.manual_seed(0)
+    for K, dtype in ((6, torch.int64), (21, torch.uint8), (171, torch.int64)):
+        label = torch.randint(0, K, (2, 37, 53)).to(dtype)
+        label[torch.rand(label.shape) < 0.3] = 255  # ignored
+        pred = torch.randint(0, K, (2, 37, 53))
+        keep = label.long() < K
+        plain = torch.bincount(label.long()[keep] * K + pred[keep], minlength=K * K).view(K, K)
+        ours = evaluate.confusion_matrix(pred, label, K)
+        assert ours.dtype == torch.int64 and torch.equal(ours, plain), f"largest difference {(ours - plain).abs().max()}"
+        assert ours.sum() == keep.sum()
+
+
+def test_confusion_matrix_asks_nothing_of_the_host():
+    """No operator whose output size or value the host must read (boolean-mask indexing, nonzero,
+    bincount, .item()): on a GPU each one waits for the device, on every evaluated image."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            boolean_index = func is aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if boolean_index or func in (aten.nonzero.default, aten.bincount.default, aten.masked_select.default,
+                                         aten._local_scalar_dense.default):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    label = torch.randint(0, 6, (40, 50))
+    label[:5] = 255
+    with Syncs() as syncs:
+        evaluate.confusion_matrix(torch.randint(0, 6, (40, 50)), label, 6)
+    assert syncs.seen == []
 
 
 def test_hiou_is_the_harmonic_mean_of_the_papers_rows():
@@ -86,7 +128,7 @@ def test_hiou_is_the_harmonic_mean_of_the_papers_rows():
     assert evaluate.harmonic_iou(56.2, 78.4) == pytest.approx(65.47, abs=0.01)  # Context fully: Table 4's S, 1's U
     assert math.isnan(evaluate.harmonic_iou(50.0, float("nan")))
     conf = torch.tensor([[10, 0, 10], [0, 10, 10], [0, 0, 10]])  # rows: truth; IoUs 1/2, 1/2, 1/3
-    m = evaluate.segmentation_metrics(conf, unseen=[2])
+    m = evaluate.segmentation_metrics(conf, data.seen_mask(3, [2]))
     assert (m["miou_seen"], m["miou_unseen"]) == pytest.approx((50.0, 100 / 3))
     assert m["hiou"] == pytest.approx(40.0) and m["pixel_accuracy"] == pytest.approx(60.0)
 
@@ -125,7 +167,8 @@ def test_two_processes_give_exactly_the_one_process_confusion_matrix(checkpoint,
     preset = data.get_preset("voc", 64)
     dataset = data.SegmentationDataset(preset, fake_root["voc"], "val", "fully", transform=data.test_transform(preset))
     window = dict(crop=(64, 64), stride=(40, 40))
-    one = evaluate.evaluate(model, dataset, list(preset["classes"]), list(preset["unseen"]), True, window, CPU,
+    seen = data.seen_mask(len(preset["classes"]), preset["unseen"])
+    one = evaluate.evaluate(model, dataset, list(preset["classes"]), seen, True, window, CPU,
                             workers=0, progress=False)
     labelled = sum(int((dataset[i]["label"] < 20).sum()) for i in range(len(dataset)))
     assert sum(map(sum, one["OTSeg+"]["confusion"])) == labelled  # each of the 3 images exactly once
@@ -196,7 +239,7 @@ def test_coco_to_voc_slides_with_the_releases_stride_unless_asked(checkpoint, fa
               "--device", "cpu", "--workers", 0, "--output-json", tmp_path / "voc.json"]
     run_main(*common, "--dataset", "voc")  # configs/cross_dataset/coco-to-voc.py: stride 380 of 512
     run_main(*common, "--dataset", "voc", "--window-stride", 106)
-    run_main(*common, "--dataset", "coco", "--data-root", data_tools.make_fake_dataset(
+    run_main(*common, "--dataset", "coco", "--data-root", datasets.make_fake_dataset(
         "coco", str(tmp_path / "coco"), num_train=1, num_val=1, size=(40, 60)))  # in domain: its own window
     assert [(r["crop"], r["stride"]) for r in recorded] == [((128, 128), (95, 95)), ((128, 128), (106, 106)),
                                                             ((128, 128), (106, 106))]
@@ -300,7 +343,7 @@ def test_an_error_is_one_line_on_stderr(checkpoint, tmp_path):
 
 
 def test_a_broken_dataset_file_met_in_a_worker_is_one_line(checkpoint, tmp_path):
-    root = data_tools.make_fake_dataset("voc", str(tmp_path / "in"), num_train=1, num_val=2, size=(40, 52))
+    root = datasets.make_fake_dataset("voc", str(tmp_path / "in"), num_train=1, num_val=2, size=(40, 52))
     name = open(os.path.join(root, "ImageSets", "Segmentation", "val.txt")).read().split()[1]
     label = os.path.join(root, "SegmentationClass", name + ".png")
     with open(label, "r+b") as f:

@@ -4,12 +4,15 @@ a two-process torchrun run, and one clear error for each kind of bad input.
 Everything runs on the CPU with the small random CLIP ('random-tiny') and generated VOC-layout data.
 """
 import copy
+import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 
 import pytest
@@ -22,7 +25,7 @@ import data
 import evaluate
 import losses
 import train
-from data_tools import make_fake_dataset
+from tools.datasets import make_fake_dataset
 from model import OTSeg, trainable_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,13 +201,12 @@ def test_bf16_autocast_step_on_cuda_is_close_to_fp32(tiny_model):
 
 def test_pseudo_labels_are_the_unseen_argmax_of_the_ensemble():
     K = 4  # classes 2 and 3 unseen
-    unseen = torch.zeros(256, dtype=torch.bool)
-    unseen[[2, 3]] = True
+    seen = torch.tensor([True, True, False, False])
     decoder = torch.tensor([5.0, 0.0, 1.0, 2.0]).view(1, K, 1, 1).expand(1, K, 2, 2).clone()
     score = torch.tensor([5.0, 0.0, 3.0, -2.0]).view(1, K, 1, 1).expand(1, K, 2, 2).clone()
     # 0.5 D + 0.5 S = [5, 0, 2, 0]: seen class 0 wins overall, unseen class 2 among the unseen
     labels = torch.tensor([[[0, 2], [3, 255]]])
-    got = train.pseudo_label(dict(decoder=decoder, score=score), labels, unseen)
+    got = train.pseudo_label(dict(decoder=decoder, score=score), labels, seen)
     assert got.tolist() == [[[0, 2], [2, 255]]]  # seen and 255 pixels kept, unseen pixels -> 2
 
 
@@ -230,26 +232,56 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(fake_voc, finished_run
     assert losses_full == losses_resumed
 
 
-def test_two_process_torchrun_and_the_loss_falls(fake_voc, tmp_path):
-    out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "train.py"), *TINY, "--data-root", fake_voc, "--iters", "6",
-               "--lr", "1e-3", "--warmup-iters", "0", "--output-dir", str(out)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # a session of its own: a hang kills all three
+TORCHRUN_ITERS = 60  # long enough (about 4 s of steps) for a test to signal or kill it in the middle
+
+
+def torchrun(out, fake_voc, *extra):
+    """train.py under torchrun, two processes on gloo, in a session of its own (a hang kills all)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
+               os.path.join(ROOT, "train.py"), *TINY, "--data-root", fake_voc, "--iters", str(TORCHRUN_ITERS),
+               "--lr", "1e-3", "--warmup-iters", "0", "--save-every", "5", "--output-dir", str(out),
+               "--resume", "auto"]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process, timeout=300) -> str:
     try:
-        _, stderr = process.communicate(timeout=300)
+        return process.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"torchrun did not finish in 300 s: {process.communicate()[1][-3000:]}")
+        pytest.fail(f"torchrun did not finish in {timeout} s: {process.communicate()[1][-3000:]}")
+
+
+def wait_for_step(out, step: int, process) -> None:
+    """Until log.jsonl shows `step` (then the run is still going: the test fails if it has ended)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(out / "log.jsonl") and any(r.get("step", 0) >= step and "loss" in r for r in read_log(out)):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"the run ended or stalled before step {step}: {finish(process)[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(fake_voc, tmp_path_factory):
+    """An uninterrupted two-process run: the reference of the fault tests below."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp"
+    process = torchrun(out, fake_voc)
+    stderr = finish(process)
     assert process.returncode == 0, stderr[-3000:]
-    log = read_log(out)
+    return out
+
+
+def test_two_process_torchrun_and_the_loss_falls(torchrun_run):
+    log = read_log(torchrun_run)
     assert log[0]["world_size"] == 2 and log[0]["micro_batch"] == 1
     loss = [r["loss"] for r in log if "loss" in r]
-    assert len(loss) == 6
+    assert len(loss) == TORCHRUN_ITERS
     assert sum(loss[-2:]) / 2 < 0.5 * loss[0], f"loss did not fall: {loss}"
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2 and os.path.isfile(out / "iter_3.pt")
+    ckpt = torch.load(torchrun_run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == TORCHRUN_ITERS and len(ckpt["rng"]) == 2
+    assert os.path.isfile(torchrun_run / f"iter_{TORCHRUN_ITERS // 2}.pt")
 
 
 def scripted_evaluation(scores):
@@ -290,7 +322,8 @@ def test_eval_every_scores_the_weights_it_saves(fake_voc, tmp_path):
     preset = data.get_preset("voc", 64)
     model = checkpoint.build_model_from_checkpoint(best, None, torch.device("cpu"))
     val_set = data.SegmentationDataset(preset, fake_voc, "val", "inductive", transform=data.test_transform(preset))
-    again = evaluate.evaluate(model, val_set, best["classes"], best["unseen"], True, data.window_of(preset),
+    seen = data.seen_mask(len(best["classes"]), best["unseen"])
+    again = evaluate.evaluate(model, val_set, best["classes"], seen, True, data.window_of(preset),
                               torch.device("cpu"), workers=0, progress=False)
     for name in ("OTSeg", "OTSeg+"):
         for key in ("miou_seen", "miou_unseen", "hiou"):
@@ -307,8 +340,8 @@ def test_transductive_run_starts_from_the_half_way_checkpoint_and_uses_pseudo_la
         loaded.append((what, state_dict))
         load_trainable(model, state_dict, what)
 
-    def label_spy(outputs, labels, unseen):
-        labelled.append((labels, pseudo_label(outputs, labels, unseen), unseen))
+    def label_spy(outputs, labels, seen):
+        labelled.append((labels, pseudo_label(outputs, labels, seen), seen))
         return labelled[-1][1]
 
     monkeypatch.setattr(checkpoint, "load_trainable", load_spy)
@@ -321,7 +354,8 @@ def test_transductive_run_starts_from_the_half_way_checkpoint_and_uses_pseudo_la
     assert len(labelled) == 2  # every step, each micro-step
     preset = data.get_preset("voc")
     unseen_pixels = 0
-    for before, after, unseen in labelled:
+    for before, after, seen in labelled:
+        unseen = torch.cat([~seen, torch.zeros(256 - len(seen), dtype=torch.bool)])  # (256,) over label values
         was_unseen = unseen[before]
         assert torch.equal(after[~was_unseen], before[~was_unseen])  # seen and ignored pixels kept
         assert unseen[after[was_unseen]].all()  # unseen pixels get an unseen class
@@ -484,3 +518,128 @@ def test_resume_or_init_from_a_file_that_is_no_run_of_this_project(fake_voc, fin
     expect_error("--convert", *TINY, "--data-root", fake_voc, "--init-from", tmp_path / "release.pth",
                  "--output-dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults a long run meets: divergence, a stop signal, a restarted worker, a failed write
+# ----------------------------------------------------------------------------------------------
+
+def all_finite(path) -> bool:
+    ckpt = torch.load(path, weights_only=True)
+    tensors = list(ckpt["model"].values()) + [v for s in ckpt["optimizer"]["state"].values()
+                                              for v in s.values() if torch.is_tensor(v)]
+    return all(bool(t.float().isfinite().all()) for t in tensors)
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_no_non_finite_weight(fake_voc, tmp_path):
+    out = tmp_path / "diverged"
+    message = expect_error("at step", *TINY, "--data-root", fake_voc, "--iters", 12, "--lr", 1e9,
+                           "--warmup-iters", 0, "--save-every", 1, "--output-dir", out)
+    assert re.search(r"(loss is (nan|inf|-inf) at step \d+|weights are no longer finite).*--lr", message), message
+    saved = sorted(os.listdir(out))
+    assert "ckpt.pt" not in saved or all_finite(out / "ckpt.pt"), saved
+    stopped = [r["step"] for r in read_log(out) if "loss" in r]
+    assert stopped and max(stopped) < 12, f"the run went on to the end: {stopped}"
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(fake_voc, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 6, "--output-dir", out, "--stop-after", 1)
+    before = (out / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)          # a part of the file is written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = expect_error("No space left on device", *TINY, "--data-root", fake_voc, "--iters", 6,
+                           "--resume", "auto", "--output-dir", out)
+    assert str(out) in message and "kept" in message, message
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]   # no temporary file left behind
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(fake_voc, finished_run, tmp_path, monkeypatch):
+    out, calls, real_step = tmp_path / "preempted", [], train.train_step
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:      # the scheduler's SIGTERM arrives in the middle of step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL    # the handler is put back
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train, "train_step", real_step)
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--resume", "auto")
+    full = torch.load(os.path.join(finished_run, "ckpt.pt"), weights_only=True)
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 3
+    for name, weight in full["model"].items():
+        assert torch.equal(weight, resumed["model"][name]), name
+
+
+def test_resume_auto_starts_fresh_in_an_empty_folder_and_refuses_another_runs_checkpoint(
+        fake_voc, finished_run, tmp_path):
+    out = tmp_path / "auto"
+    run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--resume", "auto")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    full = torch.load(os.path.join(finished_run, "ckpt.pt"), weights_only=True)
+    assert all(torch.equal(w, torch.load(out / "ckpt.pt", weights_only=True)["model"][k])
+               for k, w in full["model"].items())
+    expect_error("other settings", *TINY, "--data-root", fake_voc, "--iters", 5, "--output-dir", out,
+                 "--resume", "auto")
+
+
+def same_weights(a, b) -> None:
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a["step"] == b["step"]
+    for name, weight in a["model"].items():
+        assert torch.equal(weight, b["model"][name]), \
+            f"{name}: largest difference {(weight - b['model'][name]).abs().max()}"
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+
+
+def test_sigterm_to_torchrun_reaches_the_workers_and_the_run_resumes_exactly(fake_voc, torchrun_run, tmp_path):
+    out = tmp_path / "preempted"
+    process = torchrun(out, fake_voc)
+    wait_for_step(out, 10, process)
+    os.kill(process.pid, signal.SIGTERM)              # what a scheduler sends the job's launcher
+    stderr = finish(process)
+    assert process.returncode != 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert 10 <= ckpt["step"] < TORCHRUN_ITERS and len(ckpt["rng"]) == 2, (ckpt["step"], stderr[-2000:])
+    stopped = [r["step"] for r in read_log(out) if "loss" in r]
+    assert max(stopped) == ckpt["step"]               # the step in progress was finished and saved
+    process = torchrun(out, fake_voc)                 # the requeued job: the same command
+    stderr = finish(process)
+    assert process.returncode == 0, stderr[-3000:]
+    same_weights(torchrun_run / "ckpt.pt", out / "ckpt.pt")
+
+
+def worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of this rank (read from /proc, Linux)."""
+    children = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()
+    for pid in children:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
+def test_a_worker_killed_mid_run_is_restarted_and_ends_with_the_uninterrupted_weights(
+        fake_voc, torchrun_run, tmp_path):
+    out = tmp_path / "restarted"
+    process = torchrun(out, fake_voc, "--max-restarts", "1")
+    wait_for_step(out, 10, process)
+    os.kill(worker_of_rank(process.pid, 1), signal.SIGKILL)
+    stderr = finish(process)
+    assert process.returncode == 0, stderr[-3000:]
+    starts = [r["step"] for r in read_log(out) if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1] >= 10, starts   # the restarted workers continued from ckpt.pt
+    same_weights(torchrun_run / "ckpt.pt", out / "ckpt.pt")

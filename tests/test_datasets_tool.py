@@ -1,4 +1,4 @@
-"""Tests of data_tools.py: the preparation helpers against hand-made inputs in the real formats (COCO-Stuff
+"""Tests of tools/datasets.py (python -m tools.datasets): the preparation helpers against hand-made inputs in the real formats (COCO-Stuff
 maps, SBD .mat files, converted Context labels), the statistics against numpy's bincount, the saved
 samples against the dataset's items, and the command line: one line `error: ...` for every bad input."""
 import shutil
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import data
-import data_tools
+from tools import datasets
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def small_voc(tmp_path):
     """A fresh tiny VOC that a test may break."""
-    return data_tools.make_fake_dataset('voc', str(tmp_path), num_train=2, num_val=1, size=(32, 48))
+    return datasets.make_fake_dataset('voc', str(tmp_path), num_train=2, num_val=1, size=(32, 48))
 
 
 def raw_label(path):
@@ -31,7 +31,7 @@ def raw_label(path):
 # ---------------------------------------------------------------------------------------------- preparation
 
 def test_coco_stuff_table_by_hand(tmp_path):
-    table = data_tools.coco_stuff_train_id_table()
+    table = datasets.coco_stuff_train_id_table()
     hand = {0: 0, 10: 10, 11: 255, 12: 11, 24: 23, 25: 255, 26: 24, 27: 25, 28: 255, 29: 255, 30: 26,
             44: 255, 45: 40, 65: 255, 66: 60, 67: 255, 68: 255, 69: 61, 70: 255, 71: 62, 82: 255, 83: 73,
             90: 255, 91: 80, 181: 170, 182: 255, 255: 255}
@@ -42,7 +42,7 @@ def test_coco_stuff_table_by_hand(tmp_path):
         (tmp_path / 'annotations' / split).mkdir(parents=True)
     raw = np.array([[0, 11, 12, 255], [91, 181, 90, 45]], dtype=np.uint8)
     Image.fromarray(raw).save(tmp_path / 'annotations' / 'val2017' / '000000000139.png')
-    assert data_tools.prepare_coco_stuff(str(tmp_path)) == 1
+    assert datasets.prepare_coco_stuff(str(tmp_path)) == 1
     out = raw_label(tmp_path / 'annotations' / 'val2017' / '000000000139_labelTrainIds.png')
     assert out.tolist() == [[0, 255, 11, 255], [80, 170, 255, 40]]
 
@@ -62,7 +62,7 @@ def test_prepare_voc_aug_from_sbd_mat_files(small_voc, tmp_path):
                 {'GTcls': {'Segmentation': np.full((32, 48), value, dtype=np.uint8), 'Boundaries': 0}})
     (sbd / 'train.txt').write_text('sbd_a\n' + train[0] + '\n')
     (sbd / 'val.txt').write_text('sbd_b\n' + val[0] + '\n')
-    assert data_tools.prepare_voc_aug(str(voc), str(tmp_path / 'benchmark_RELEASE')) == (2, 4)
+    assert datasets.prepare_voc_aug(str(voc), str(tmp_path / 'benchmark_RELEASE')) == (2, 4)
     assert lists.joinpath('aug.txt').read_text().split() == ['sbd_a', 'sbd_b']
     assert lists.joinpath('trainaug.txt').read_text().split() == sorted(['sbd_a', 'sbd_b'] + train)
     assert (raw_label(voc / 'SegmentationClassAug' / 'sbd_b.png') == 7).all()
@@ -73,17 +73,17 @@ def test_prepare_voc_aug_from_sbd_mat_files(small_voc, tmp_path):
 
 
 def test_check_context(fake_roots, tmp_path):
-    assert data_tools.check_context(fake_roots['context']) == {'train': 4, 'val': 2}
+    assert datasets.check_context(fake_roots['context']) == {'train': 4, 'val': 2}
     root = shutil.copytree(fake_roots['context'], tmp_path / 'VOC2010')
     path = next((root / 'SegmentationClassContext').glob('val_*.png'))
     Image.fromarray(np.full((96, 128), 60, dtype=np.uint8)).save(path)
     with pytest.raises(data.DatasetError, match=r'holds \[60\].*0\.\.59'):
-        data_tools.check_context(str(root))
+        datasets.check_context(str(root))
 
 
 def test_statistics_and_samples(fake_roots, tmp_path):
     dataset = data.SegmentationDataset('voc', fake_roots['voc'], 'val', 'inductive', data.test_transform('voc'))
-    pixels, images, ignored = data_tools.class_statistics(dataset)
+    pixels, images, ignored = datasets.class_statistics(dataset)
     raw = np.concatenate([raw_label(s[1]).ravel() for s in dataset.samples])
     hand = np.bincount(raw, minlength=256)
     assert pixels.tolist() == hand[1:21].tolist() and ignored == hand[0] + hand[255]
@@ -97,7 +97,7 @@ def test_saved_samples_show_what_the_model_sees(fake_roots, tmp_path):
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
     dataset = data.SegmentationDataset('ade', fake_roots['ade'], 'val', 'fully', data.test_transform('ade'))
-    written = data_tools.save_samples(dataset, str(tmp_path), count=1)
+    written = datasets.save_samples(dataset, str(tmp_path), count=1)
     jpeg = torch.from_numpy(np.asarray(Image.open(dataset.samples[0][0]).convert('RGB')).copy()).permute(2, 0, 1)
     resized = TF.resize(jpeg, [512, 683], interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
     saved = torch.from_numpy(np.asarray(Image.open(written[0] + '_image.png')).copy()).permute(2, 0, 1)
@@ -116,7 +116,7 @@ def test_prepare_voc_aug_writes_no_list_when_a_mat_file_is_bad(small_voc, tmp_pa
     (sbd / 'train.txt').write_text('broken\n')
     (sbd / 'val.txt').write_text('')
     with pytest.raises(data.DatasetError, match='broken.mat'):
-        data_tools.prepare_voc_aug(small_voc, str(tmp_path / 'benchmark_RELEASE'))
+        datasets.prepare_voc_aug(small_voc, str(tmp_path / 'benchmark_RELEASE'))
     assert sorted(p.name for p in (Path(small_voc) / 'ImageSets/Segmentation').iterdir()) == \
         ['train.txt', 'trainaug.txt', 'val.txt']                  # the fake's own lists, no aug.txt
 
@@ -124,10 +124,10 @@ def test_prepare_voc_aug_writes_no_list_when_a_mat_file_is_bad(small_voc, tmp_pa
 # ---------------------------------------------------------------------------------------------- command line
 
 def run_main(monkeypatch, *argv):
-    """data_tools.main with these arguments; returns its exit message (None when it ends normally)."""
-    monkeypatch.setattr('sys.argv', ['data_tools.py', *argv])
+    """tools.datasets.main with these arguments; returns its exit message (None when it ends normally)."""
+    monkeypatch.setattr('sys.argv', ['tools/datasets.py', *argv])
     try:
-        data_tools.main()
+        datasets.main()
     except SystemExit as stop:
         return stop.code
     return None
@@ -174,11 +174,10 @@ def test_a_bad_label_met_by_stats_is_one_line(small_voc, monkeypatch):
     assert code == f'error: {pytest.raises(data.DatasetError, dataset.load_label, 0).value}'
 
 
-@pytest.mark.parametrize('program', ['data_tools.py', 'data.py'])
+@pytest.mark.parametrize('program', [['-m', 'tools.datasets', 'stats'], ['data.py']])
 def test_the_real_program_prints_one_line_and_no_traceback(program, tmp_path):
-    argv = ['stats', '--data-root', str(tmp_path / 'nowhere')] if program == 'data_tools.py' \
-        else ['--data-root', str(tmp_path / 'nowhere')]
-    result = subprocess.run([sys.executable, str(REPO / program), *argv], capture_output=True, text=True,
+    argv = [*program, '--data-root', str(tmp_path / 'nowhere')]
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert result.returncode == 1 and result.stdout == ''
     assert result.stderr.startswith('error: data root ') and result.stderr.count('\n') == 1, result.stderr

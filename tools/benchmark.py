@@ -23,34 +23,47 @@ measured on the same machine at the same time:
    GFLOPs, images/s at batch 1) for OTSeg (decoder only), OTSeg+ and the softmax matching, with the
    release's own way of counting; and at batch 32 (bf16 on a GPU) OTSeg+ against the bare ViT-B/16
    image tower it is built on.
+6. `syncs`: the host synchronisations of one training step and of one evaluated image, by source
+   line: the operators that make the CPU wait for a GPU (`.item()`, `bool()`, `nonzero`, boolean-mask
+   indexing, `bincount`, device-to-host copies), counted on any device.
 
-    python benchmark.py                     # everything (CPU: several minutes)
-    python benchmark.py --only sinkhorn     # one table
-    python benchmark.py --quick             # smaller, for a first look
-    python benchmark.py --threads 1         # steadier CPU timings on a machine shared with other jobs
+    python -m tools.benchmark --only syncs        # host synchronisations per step and per image
+    python -m tools.benchmark                     # everything (CPU: several minutes)
+    python -m tools.benchmark --only sinkhorn     # one table
+    python -m tools.benchmark --quick             # smaller, for a first look
+    python -m tools.benchmark --threads 1         # steadier CPU timings on a machine shared with other jobs
 
-`gpu_check.py` runs these measurements, with the training and evaluation programs, on a GPU in one
+`tools/gpu_check.py` runs these measurements, with the training and evaluation programs, on a GPU in one
 command. POT is a test-time dependency (`requirements-test.txt`); without it the POT rows are
 skipped. A CPU time is only indicative (and is quoted with the machine it ran on); the figures that
 count for deployment are GPU figures.
 """
 import argparse
+import collections
 import math
+import os
 import platform
+import tempfile
 import time
-from contextlib import contextmanager
+import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
 import clip
 import common
 import data
+import evaluate
 import losses
 import sinkhorn
 from model import OTSeg, trainable_parameters, upsample
+from mpsa import MATCHINGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project root, above tools/
 
 # ----------------------------------------------------------------------------------------------
 # Measuring helpers
@@ -348,11 +361,14 @@ VIT_B_16 = dict(embed_dim=512, vision_layers=12, vision_width=768, vision_patch_
 def build_otseg(matching: str, image_size: int, prompt_tokens: int, templates: list[str], device,
                 sizes: dict = VIT_B_16, **options) -> OTSeg:
     """OTSeg on a CLIP of `sizes` (ViT-B/16's by default) with random weights: speed and counts do
-    not depend on the weights."""
+    not depend on the weights. Initialised on `device` itself: a ViT-B/16's random initialisation
+    takes seconds on a CPU and milliseconds on a GPU."""
     torch.manual_seed(0)
     clip_sizes = {k: v for k, v in sizes.items() if k != "image_resolution"}
-    clip_model = clip.CLIP(image_resolution=image_size, prompt_tokens=prompt_tokens, **clip_sizes)
-    return OTSeg(clip_model, templates, matching=matching, **options).to(device)
+    with torch.device(device):  # the default device of the factory functions inside
+        clip_model = clip.CLIP(image_resolution=image_size, prompt_tokens=prompt_tokens, **clip_sizes)
+        model = OTSeg(clip_model, templates, matching=matching, **options)
+    return model.to(device)
 
 
 def bench_inference(device: torch.device, quick: bool) -> Table:
@@ -362,7 +378,7 @@ def bench_inference(device: torch.device, quick: bool) -> Table:
     table = Table(f"OTSeg+ inference, ViT-B/16, {size}x{size}, K={len(classes)} classes, N=6 prompts "
                   f"({machine(device)})", ["matching", "batch", "ms/image", "images/s", "x softmax"],
                   ["{}", "{}", "{:.0f}", "{:.2f}", "{:.3f}"])
-    models = {m: build_otseg(m, size, 10, data.TEMPLATES["N6"], device).eval() for m in ("sinkhorn", "softmax")}
+    models = {m: build_otseg(m, size, 10, data.TEMPLATES["N6"], device).eval() for m in MATCHINGS}
     def run(model, images):
         with torch.no_grad():
             out = model(images, classes)
@@ -387,16 +403,20 @@ def training_step(model: OTSeg, classes: list[str], batch: int, size: int, devic
                   precision: torch.dtype | None = None, seed: int = 0):
     """A closure running one optimisation step of `model` on random images and labels, as train.py's
     (forward under autocast, focal + dice on both outputs, backward, AdamW). It returns the bytes
-    autograd kept for the backward pass."""
+    autograd kept for the backward pass. The random inputs are drawn on `device`: on a CPU, a batch
+    of 512x512 images and labels takes seconds to draw and copy, on the GPU next to nothing."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=g).to(device)
-    labels = torch.randint(0, len(classes), (batch, size, size), generator=g).to(device)
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=g, device=device)
+    labels = torch.randint(0, len(classes), (batch, size, size), generator=g, device=device)
     model.text_embeddings(classes)   # computed once per run, not per step
 
     def step() -> int:
-        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+        # No autocast object at all for fp32: torch 2.1 refuses a CPU autocast of any dtype but bf16,
+        # even a disabled one.
+        with (torch.autocast(device.type, dtype=precision) if precision else nullcontext()):
             with saved_for_backward() as counter:
                 out = model(images, classes)
                 num_masks = losses.count_masks(labels, len(classes)).clamp(min=1)
@@ -578,6 +598,95 @@ def bench_table3(device: torch.device, quick: bool) -> list[Table]:
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. Host synchronisations per training step and per evaluated image
+# ----------------------------------------------------------------------------------------------
+
+aten = torch.ops.aten
+WAITS_FOR_THE_DEVICE = {aten._local_scalar_dense.default: "item()/bool()/float()", aten.nonzero.default: "nonzero",
+                        aten.bincount.default: "bincount", aten.masked_select.default: "masked_select",
+                        aten._unique2.default: "unique", aten.repeat_interleave.Tensor: "repeat_interleave"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, by the project line that asks for it, every operator after which the CPU must wait for
+    a GPU: a value read on the host, an output whose size is data (nonzero, boolean-mask indexing,
+    bincount, which reads the largest value), a copy to the host. Counted on any device: on a CPU the
+    same operators run, without the wait."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = WAITS_FOR_THE_DEVICE.get(func)
+        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+                i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+            kind = "boolean-mask indexing"
+        if (func is aten._to_copy.default and args[0].device.type == "cuda"
+                and torch.device(kwargs.get("device") or "cuda").type == "cpu"):
+            kind = "device-to-host copy"
+        where = self.asked_by() if kind is not None else None
+        if where is not None:
+            self.counts[(kind, where)] += 1
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def asked_by() -> str | None:
+        """The line of a project module (not a tool) that asked for the operator, or None: asked by
+        a library on tensors it keeps on the CPU by design (AdamW's step counters), or by the data
+        loader, whose work is CPU work on any device."""
+        stack = traceback.extract_stack()
+        if any(os.sep + os.path.join("torch", "utils", "data") + os.sep in frame.filename for frame in stack):
+            return None
+        for frame in reversed(stack):
+            path = os.path.abspath(frame.filename)
+            if path.startswith(os.path.dirname(torch.__file__)) or frame.name in ("__torch_dispatch__", "asked_by"):
+                continue  # inside torch, or this counter
+            inside = (os.path.isfile(path) and path.startswith(ROOT + os.sep)
+                      and not path.startswith(os.path.join(ROOT, "tools") + os.sep))
+            return f"{os.path.relpath(path, ROOT)}:{frame.lineno} ({frame.name})" if inside else None
+        return None
+
+
+def bench_syncs(device: torch.device, quick: bool) -> Table:
+    """Host synchronisations of a steady training step (train.py's, as training_step runs it: two
+    micro-batches of 2 images) and of one evaluated image (evaluate.evaluate over 2 images minus over 1:
+    what is done once per evaluation cancels). Small sizes: the count does not depend on them."""
+    from tools import datasets  # tools.datasets writes the generated images
+    crop, templates, classes = 64, data.TEMPLATES["N6"][:3], list(data.VOC_CLASSES[:15])
+    model = build_otseg("sinkhorn", crop, 4, templates, device, sizes=clip.TINY).train()
+    step = training_step(model, classes, 2, crop, device)
+    step()  # the first step computes the text embeddings and the optimizer state
+    with HostSyncs() as syncs:
+        for _ in range(2):  # the micro-batches of one step of train.py's --micro-batch 2 --batch-size 4
+            step()
+    per_step = syncs.counts
+    preset = data.get_preset("voc", crop)
+    root = datasets.make_fake_dataset("voc", tempfile.mkdtemp(prefix="syncs_"), num_train=1, num_val=2)
+    dataset = data.SegmentationDataset(preset, root, "val", "fully", transform=data.test_transform(preset))
+    dataset = [dataset[i] for i in range(2)]  # read before counting: data loading is CPU work on any device
+    seen = data.seen_mask(len(preset["classes"]), preset["unseen"])
+    counts = []
+    for images in (1, 2):
+        with HostSyncs() as syncs:
+            evaluate.evaluate(model, dataset, list(preset["classes"]), seen, True,
+                              data.window_of(preset), device, workers=0, limit=images, progress=False)
+        counts.append(syncs.counts)
+    per_image = counts[1] - counts[0]
+    table = Table(f"Host synchronisations ({machine(device)})", ["where", "what", "per step", "per image"],
+                  ["{}", "{}", "{}", "{}"],
+                  note="per step: one optimizer step of two micro-batches; per image: one more image evaluated. "
+                       "Sinkhorn checks convergence every 5 iterations (at most 19 times in 100 iterations) in "
+                       "each of a forward pass's 4 solves (MPS, then MPSA in 3 decoder layers); the random CLIP "
+                       "here converges at the first check.")
+    for kind, where in sorted(set(per_step) | set(per_image), key=lambda k: k[1]):
+        table.rows.append([where, kind, per_step.get((kind, where), 0), per_image.get((kind, where), 0)])
+    table.rows.append(["total", "", sum(per_step.values()), sum(per_image.values())])
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
@@ -587,6 +696,7 @@ BENCHMARKS = {
     "inference": bench_inference,
     "training": bench_training,
     "table3": bench_table3,
+    "syncs": bench_syncs,
 }
 
 

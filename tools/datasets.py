@@ -1,4 +1,4 @@
-"""data_tools.py -- preparing the datasets of data.py, tiny fake ones in the same layouts, and a look at them.
+"""tools/datasets.py -- preparing the datasets of data.py, tiny fake ones in the same layouts, and a look at them.
 
 data.py is the chapter (presets, label views, the training pipeline, the dataset); this module holds the
 tools around it, which a reader of the method can skip:
@@ -15,15 +15,14 @@ Where each dataset comes from and the layout each preparation produces: docs/dat
 
 Run
 ---
-    python data_tools.py fake /tmp/fake --dataset voc          # a tiny VOC under /tmp/fake/VOCdevkit/VOC2012
-    python data_tools.py stats --dataset voc --data-root /tmp/fake --samples samples/
-    python data_tools.py prepare-voc-aug VOCdevkit/VOC2012 benchmark_RELEASE   # needs scipy
-    python data_tools.py prepare-coco coco_stuff164k
-    python data_tools.py check-context VOCdevkit/VOC2010
+    python -m tools.datasets fake /tmp/fake --dataset voc          # a tiny VOC under /tmp/fake/VOCdevkit/VOC2012
+    python -m tools.datasets stats --dataset voc --data-root /tmp/fake --samples samples/
+    python -m tools.datasets prepare-voc-aug VOCdevkit/VOC2012 benchmark_RELEASE   # needs scipy
+    python -m tools.datasets prepare-coco coco_stuff164k
+    python -m tools.datasets check-context VOCdevkit/VOC2010
 Every command stops with one line `error: ...` on a missing folder, a wrong layout or a bad file.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,8 @@ import torch
 from PIL import Image
 
 import data
+import visualize
+from common import atomic_save
 from data import DatasetError, SegmentationDataset
 
 
@@ -41,9 +42,8 @@ def save_png(array: np.ndarray, path: Path, palette: list[int] | None = None) ->
     if palette is not None:
         image = image.convert('P')                # 'L' -> 'P' keeps the values
         image.putpalette(palette)
-    partial = path.with_name(path.name + '.partial')
-    image.save(partial, format='PNG')
-    os.replace(partial, path)
+    with atomic_save(str(path)) as tmp:
+        image.save(tmp, format='PNG')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def _fake_sample(rng: np.random.Generator, preset: dict, size: tuple[int, int]) 
         bottom, right = top + rng.integers(height // 4, height // 2), left + rng.integers(width // 4, width // 2)
         label[top:bottom, left:right] = data.IGNORE_INDEX
         label[top + 1:bottom - 1, left + 1:right - 1] = first + rng.integers(num_classes)
-    colours = np.array(data.color_palette(), dtype=np.int16).reshape(256, 3)
+    colours = np.array(visualize.color_palette(), dtype=np.int16).reshape(256, 3)
     image = colours[label] + rng.integers(-20, 21, (height, width, 3))
     return np.clip(image, 0, 255).astype(np.uint8), label
 
@@ -177,7 +177,7 @@ def make_fake_dataset(dataset: str | dict, root: str, num_train: int = 4, num_va
                 if name not in scenes:
                     image, scenes[name] = _fake_sample(rng, preset, size)
                     Image.fromarray(image).save(base / part['images'] / (name + preset['image_suffix']), quality=90)
-                palette = data.color_palette() if part['labels'].endswith('SegmentationClass') else None
+                palette = visualize.color_palette() if part['labels'].endswith('SegmentationClass') else None
                 save_png(scenes[name], base / part['labels'] / (name + preset['label_suffix']), palette)
             if 'list' in part:
                 (base / part['list']).parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def save_samples(dataset: SegmentationDataset, out_dir: str, count: int = 4) -> 
     out.mkdir(parents=True, exist_ok=True)
     mean = torch.tensor(dataset.preset['mean']).view(3, 1, 1)
     std = torch.tensor(dataset.preset['std']).view(3, 1, 1)
-    palette = data.color_palette()
+    palette = visualize.color_palette()
     palette = palette[3:768] + palette[765:768]            # index k -> VOC colour k + 1; 255 unchanged
     written = []
     for index in range(min(count, len(dataset))):
@@ -230,12 +230,13 @@ def print_statistics(dataset: SegmentationDataset, max_images: int | None = None
     expected = preset['sizes'].get(dataset.split)
     print(f"{preset['name']}: split {dataset.split}, {len(dataset)} samples"
           + (f" (the release: {expected})" if expected else '') + f", from {dataset.root}")
-    print(f"{len(dataset.seen_classes)} seen and {len(dataset.unseen_classes)} unseen classes")
+    seen = dataset.seen.tolist()
+    print(f"{sum(seen)} seen and {len(seen) - sum(seen)} unseen classes")
     pixels, images, ignored = class_statistics(dataset, max_images)
     total = int(pixels.sum()) + ignored
     print(f"{'id':>4}  {'class':<22}{'split':<8}{'pixels %':>9}{'images':>8}")
     for c, name in enumerate(preset['classes']):
-        kind = 'unseen' if c in dataset.unseen_classes else 'seen'
+        kind = 'seen' if seen[c] else 'unseen'
         print(f"{c:>4}  {name:<22}{kind:<8}{100 * int(pixels[c]) / max(total, 1):>9.3f}{int(images[c]):>8}")
     print(f"{'':>4}  {'ignored (255)':<22}{'':<8}{100 * ignored / max(total, 1):>9.3f}")
 

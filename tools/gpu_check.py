@@ -1,4 +1,4 @@
-"""gpu_check.py -- one command that proves every CUDA path of the project and measures it, in minutes.
+"""tools/gpu_check.py -- one command that proves every CUDA path of the project and measures it, in minutes.
 
 GPU time is short and the CUDA paths (NCCL, bf16 autocast, pinned-memory copies, memory at 4 images
 of 512x512) cannot be exercised on a CPU. This script is prepared beforehand so that one run on a
@@ -14,21 +14,27 @@ machine with CUDA GPUs, without any download, proves the real programs and measu
     capacity     the largest micro-batch that fits, per class count (bf16, one step in this process)
     evaluate     `evaluate.py` with sliding windows on the generated validation images; every labelled
                  pixel counted once
-    table3       the paper's Table 3 (benchmark.py): parameters, GFLOPs, images/s at batch 1 for OTSeg,
+    table3       the paper's Table 3 (tools/benchmark.py): parameters, GFLOPs, images/s at batch 1 for OTSeg,
                  OTSeg+ and the softmax baseline; at batch 32 in bf16 OTSeg+ against the bare image tower
-    sinkhorn     benchmark.py's Sinkhorn table on the device: ours against POT's solvers
-    mfu          training model FLOPs per step / (time per step x the card's bf16 peak)
+    sinkhorn     tools/benchmark.py's Sinkhorn table on the device: ours against POT's solvers
+    compile      torch.compile's first (cold) compile and the compiled Sinkhorn block against eager; it
+                 says first when the C compiler or Python headers that Triton needs are missing
+    mfu          training model FLOPs per step / (time per step x the card's bf16 peak): train.py's
+                 eager step at micro-batch 4 (bound by kernel launches), and at the largest micro-batch
+                 of the capacity stage, eager and compiled
     distributed  with two or more GPUs: `torchrun --standalone` over NCCL, training steps, and an
                  evaluation whose confusion matrices equal the one-process run's
 
 The programs are run as a user runs them (`python train.py ...`, `torchrun ... evaluate.py ...`),
 so what passes here is the real thing. Every stage has a time budget; a stage that fails or runs past
-it is named, and the others still run. One table is printed at the end and one JSON file written.
+it is named, and the others still run; the budgets add up to the whole run's (FULL.total), so the
+last stage is not starved. One table is printed at the end and one JSON file written.
 
-    python gpu_check.py                              # on a machine with CUDA GPUs (at most 8 minutes)
-    python gpu_check.py --peak-tflops 312            # a card missing from BF16_PEAK_TFLOPS
-    python gpu_check.py --device cpu --quick         # every stage at tiny sizes (what the tests run)
-    python gpu_check.py --only train --only mfu      # some stages (the ones they need run too)
+    python -m tools.gpu_check                              # on a machine with CUDA GPUs (at most 8 minutes)
+    python -m tools.gpu_check --device cuda:1              # one GPU of several (the distributed stage uses all)
+    python -m tools.gpu_check --peak-tflops 312            # a card missing from BF16_PEAK_TFLOPS
+    python -m tools.gpu_check --device cpu --quick         # every stage at tiny sizes (what the tests run)
+    python -m tools.gpu_check --only train --only mfu      # some stages (the ones they need run too)
 
 Goals the figures are read against (docs/benchmarks.md): training at >= 35% of the card's bf16 peak
 in model FLOPs; OTSeg+ at >= 0.8x the bare backbone's throughput at batch 32; OTSeg+ / softmax
@@ -39,38 +45,65 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
-import benchmark
+from tools import benchmark
 import clip
 import data
-import data_tools
+from common import atomic_save
+from tools import datasets
 import evaluate
-from benchmark import Table
+from tools.benchmark import Table
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project root, above tools/
 
-# Dense bf16 tensor-core peak in TFLOP/s (the vendors' data sheets, without sparsity), found by a part
-# of torch.cuda.get_device_name(); the first match wins, so the longer names come first.
+# Dense bf16 tensor-core peak in TFLOP/s, per GPU, and where the figure comes from. Data sheets that
+# give only the figure with 2:4 sparsity are halved; GeForce cards count bf16 with fp32 accumulation.
 BF16_PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
+    ("B200", 2250.0, "NVIDIA HGX B200 data sheet: 4.5 PFLOPS per GPU with sparsity"),
+    ("H200", 989.0, "NVIDIA H200 data sheet, H200 SXM: 1,979 with sparsity"),
+    ("H200 NVL", 835.0, "NVIDIA H200 data sheet, H200 NVL: 1,671 with sparsity"),
+    ("H100", 989.0, "NVIDIA H100 data sheet, H100 SXM: 1,979 with sparsity"),
+    ("H100 PCIe", 756.0, "NVIDIA H100 data sheet, H100 PCIe: 1,513 with sparsity"),
+    ("H100 NVL", 835.0, "NVIDIA H100 data sheet, H100 NVL: 1,671 with sparsity"),
+    ("A100", 312.0, "NVIDIA A100 data sheet: 312 dense, 624 with sparsity (SXM and PCIe)"),
+    ("L40S", 362.0, "NVIDIA L40S data sheet: 362.05 dense"),
+    ("L40", 181.0, "NVIDIA L40 data sheet: 181.05 dense"),
+    ("L4", 121.0, "NVIDIA L4 data sheet: 242 with sparsity"),
+    ("RTX 4090", 165.2, "NVIDIA Ada architecture white paper, appendix: 165.2 dense, fp32 accumulate"),
+    ("RTX 3090", 71.0, "NVIDIA GA102 (Ampere) white paper: 71 dense, fp32 accumulate"),
+    ("RTX 3090 Ti", 80.0, "the GA102 white paper's RTX 3090 rate (71 at 82 SMs, 1.695 GHz) at the 3090 Ti's "
+                          "84 SMs and 1.86 GHz boost clock (NVIDIA's product page)"),
 ]
 
 
+def name_words(name: str) -> list[str]:
+    """'NVIDIA A100-SXM4-80GB' -> ['nvidia', 'a100', 'sxm4', '80gb']."""
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
 def bf16_peak_tflops(device_name: str) -> float | None:
-    for part, tflops in BF16_PEAK_TFLOPS:
-        if part in device_name:
-            return tflops
-    return None
+    """The row of BF16_PEAK_TFLOPS whose name is a run of whole words of `device_name`, the longest
+    if several are ('H200 NVL' before 'H200'); whole words, so that an 'L40' is no 'L4' and an
+    'RTX A1000' no 'A100'. None for a card not in the table."""
+    words = name_words(device_name)
+    best = None
+    for part, tflops, _ in BF16_PEAK_TFLOPS:
+        p = name_words(part)
+        found = any(words[i:i + len(p)] == p for i in range(len(words) - len(p) + 1))
+        if found and (best is None or len(p) > best[0]):
+            best = (len(p), tflops)
+    return None if best is None else best[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,14 +131,14 @@ class Sizes:
 FULL = Sizes(clip=dict(benchmark.VIT_B_16, image_resolution=224), crop=512, image=(375, 500),
              train_images=16, val_images=4, steps=30, log_every=5, class_steps=6, workers=6, repeats=10,
              big_batch=32, sinkhorn=benchmark.SINKHORN_SIZES,
-             budgets=dict(tests=45, data=20, train=115, classes=75, capacity=40, evaluate=25,
-                          table3=40, sinkhorn=40, mfu=20, distributed=60),
-             total=470)  # seconds: 8 minutes with the start of this script
+             budgets=dict(tests=40, data=15, train=105, classes=65, capacity=30, evaluate=25,
+                          table3=35, sinkhorn=25, compile=30, mfu=55, distributed=45),
+             total=470)  # seconds, the budgets' sum: 8 minutes with the start of this script
 QUICK = Sizes(clip=dict(clip.TINY), crop=64, image=(96, 128), train_images=4, val_images=2, steps=8,
               log_every=1, class_steps=2, workers=0, repeats=2, big_batch=32,
               sinkhorn=[("VOC (tiny)", 8, 64, 6)],
               budgets=dict(tests=60, data=30, train=90, classes=60, capacity=60, evaluate=45,
-                           table3=45, sinkhorn=45, mfu=45, distributed=90),
+                           table3=45, sinkhorn=45, compile=20, mfu=45, distributed=90),
               total=600)
 
 DATASETS = ("voc", "context", "coco")   # the three training class counts: 15, 49, 156
@@ -114,18 +147,22 @@ DATASETS = ("voc", "context", "coco")   # the three training class counts: 15, 4
 def training_classes(dataset: str) -> list[str]:
     """The seen classes, which an inductive run trains on (paper Sec. 5.1)."""
     preset = data.get_preset(dataset)
-    return [preset["classes"][k] for k in data.seen_classes(preset)]
+    seen = data.seen_mask(len(preset["classes"]), preset["unseen"])
+    return [name for name, s in zip(preset["classes"], seen.tolist()) if s]
 
 
 # ----------------------------------------------------------------------------------------------
 # Running the programs, with their peak CUDA memory
 # ----------------------------------------------------------------------------------------------
 
-# `python -c PEAK_MEMORY train.py ARGS` runs train.py exactly as `python train.py ARGS` does, then
-# prints the one figure a program cannot report after it has exited: its peak CUDA memory.
-PEAK_MEMORY = ("import runpy, sys, torch; sys.argv = sys.argv[1:]; "
-               "runpy.run_path(sys.argv[0], run_name='__main__'); "
-               "print('peak CUDA bytes:', torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else -1)")
+def peak_memory_code(device: torch.device) -> str:
+    """`python -c CODE train.py ARGS` runs train.py exactly as `python train.py ARGS` does, then prints
+    the one figure a program cannot report after it has exited: its peak memory on `device`, the
+    GPU the program was given (not whichever is current when it ends)."""
+    return ("import runpy, sys, torch; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__'); "
+            f"print('peak CUDA bytes:', torch.cuda.max_memory_allocated({str(device)!r}) "
+            "if torch.cuda.is_initialized() else -1)")
 
 
 class StageTimeout(BaseException):
@@ -198,6 +235,8 @@ class Run:
         self.args = args
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # what this process runs without naming a GPU runs on it
         self.sizes = QUICK if args.quick else FULL
         self.work = args.work_dir or tempfile.mkdtemp(prefix="gpu_check_")
         os.makedirs(self.work, exist_ok=True)
@@ -206,27 +245,35 @@ class Run:
         self.weights: str | None = None          # the random CLIP's weights file
         self.runs: dict[str, dict] = {}          # train stage: run name -> its figures
         self.one_process_eval: str | None = None  # evaluate stage's JSON
+        self.largest_micro_batch: dict[str, int] = {}  # capacity stage: dataset -> images that fit
 
     def path(self, *parts) -> str:
         return os.path.join(self.work, *parts)
 
+    def workers(self, processes: int = 1) -> int:
+        """Data-loading workers per program process: the sizes', fewer when many processes share the CPUs."""
+        if self.sizes.workers == 0:
+            return 0
+        return max(1, min(self.sizes.workers, (os.cpu_count() or 1) // processes))
+
     def train_command(self, dataset: str, out: str, steps: int, log_every: int, amp: bool,
-                      implicit: bool, batch: int = 4) -> list[str]:
+                      implicit: bool, batch: int = 4, processes: int = 1) -> list[str]:
         command = ["train.py", "--dataset", dataset, "--data-root", self.roots[dataset],
-                   "--clip-weights", self.weights, "--crop-size", str(self.sizes.crop), "--device", self.device.type,
-                   "--workers", str(self.sizes.workers), "--batch-size", str(batch), "--micro-batch", "4",
+                   "--clip-weights", self.weights, "--crop-size", str(self.sizes.crop), "--device", str(self.device),
+                   "--workers", str(self.workers(processes)), "--batch-size", str(batch), "--micro-batch", "4",
                    "--warmup-iters", "0", "--iters", str(steps), "--log-every", str(log_every),
                    "--save-every", str(steps), "--output-dir", out]
         return command + (["--amp"] if amp else []) + (["--implicit-grad"] if implicit else [])
 
-    def evaluate_command(self, checkpoint: str, out: str) -> list[str]:
+    def evaluate_command(self, checkpoint: str, out: str, processes: int = 1) -> list[str]:
         return ["evaluate.py", "--checkpoint", checkpoint, "--data-root", self.roots["voc"],
-                "--device", self.device.type, "--workers", str(self.sizes.workers), "--output-json", out] \
+                "--device", str(self.device), "--workers", str(self.workers(processes)), "--output-json", out] \
             + (["--amp"] if self.cuda else [])
 
     def python(self, command: list[str], log: str) -> tuple[str, int | None]:
         """Run `python PROGRAM ARGS`; returns its output and peak CUDA memory."""
-        output = run_program(command[0], [sys.executable, "-c", PEAK_MEMORY, *command], self.path(log), self.env)
+        output = run_program(command[0], [sys.executable, "-c", peak_memory_code(self.device), *command],
+                             self.path(log), self.env)
         return output, peak_bytes(output)
 
     def torchrun(self, processes: int, command: list[str], log: str) -> str:
@@ -249,7 +296,7 @@ def stage_data(run: Run, out: dict) -> None:
     s = run.sizes
     for dataset in DATASETS:
         val = s.val_images if dataset == "voc" else 1
-        run.roots[dataset] = data_tools.make_fake_dataset(dataset, run.path("data"), num_train=s.train_images,
+        run.roots[dataset] = datasets.make_fake_dataset(dataset, run.path("data"), num_train=s.train_images,
                                                           num_val=val, size=s.image)
     torch.manual_seed(0)
     state_dict = {k: v.half() if v.is_floating_point() else v
@@ -341,6 +388,34 @@ def largest_fitting(fits, guess: int, trials: int) -> tuple[int, int | None]:
     return fit, fail
 
 
+MAX_MICRO_BATCH = 1024   # the capacity guess's cap: two nearly equal peaks would otherwise guess ~10^5 images
+
+
+def capacity_guess(free: int, peak_one: int, per_image: int) -> int:
+    """Images that fit in 90% of the free memory, from the peaks of micro-batches 1 and 2 (peak_one and
+    peak_one + per_image), between 1 and MAX_MICRO_BATCH."""
+    per_image = max(per_image, 2**20)
+    return min(MAX_MICRO_BATCH, max(1, int((0.9 * free - (peak_one - per_image)) // per_image)))
+
+
+def is_allocation_failure(error: RuntimeError) -> bool:
+    """torch.cuda.OutOfMemoryError, and the RuntimeErrors of an allocation that failed elsewhere (cuBLAS's
+    or cuDNN's workspace, the CPU allocator): the batch does not fit. Any other RuntimeError is a bug."""
+    text = str(error).lower()
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "alloc" in text
+
+
+def step_fits(make_step, batch: int) -> bool:
+    """Whether one training step of `batch` images runs: make_step(batch) builds it (inputs included)."""
+    try:
+        make_step(batch)()
+        return True
+    except RuntimeError as error:
+        if not is_allocation_failure(error):
+            raise
+        return False
+
+
 def stage_capacity(run: Run, out: dict) -> None:
     """The largest micro-batch that fits, per class count: bf16 training steps in this process."""
     if not run.cuda:
@@ -352,33 +427,33 @@ def stage_capacity(run: Run, out: dict) -> None:
                   ["dataset", "classes K", "MiB per image", "predicted", "fits", "does not fit"],
                   ["{}", "{}", "{:.0f}", "{}", "{}", "{}"])
     out["table"] = table
+    out["largest"] = run.largest_micro_batch
     for dataset in DATASETS:
         preset = data.get_preset(dataset)
         tokens = 100 if dataset == "coco" else 10  # train.py's SCHEDULES
         model = benchmark.build_otseg("sinkhorn", s.crop, tokens, preset["templates"], device, sizes=s.clip).train()
         classes = training_classes(dataset)
 
+        def make_step(batch: int):
+            return benchmark.training_step(model, classes, batch, s.crop, device, torch.bfloat16)
+
         def fits(batch: int) -> bool:
             try:
-                benchmark.training_step(model, classes, batch, s.crop, device, torch.bfloat16)()
-                return True
-            except torch.cuda.OutOfMemoryError:
-                return False
+                return step_fits(make_step, batch)
             finally:
                 for p in model.parameters():
                     p.grad = None
                 torch.cuda.empty_cache()
 
-        benchmark.training_step(model, classes, 1, s.crop, device, torch.bfloat16)()  # one-time allocations first
-        peaks = [benchmark.peak_memory(benchmark.training_step(model, classes, b, s.crop, device, torch.bfloat16),
-                                       device) for b in (1, 2)]
-        per_image = max(peaks[1] - peaks[0], 2**20)
+        make_step(1)()  # one-time allocations first
+        peaks = [benchmark.peak_memory(make_step(b), device) for b in (1, 2)]
         torch.cuda.empty_cache()  # what the allocator keeps cached would not count as free
         free, _ = torch.cuda.mem_get_info(device)
-        guess = max(1, int((0.9 * free - (peaks[0] - per_image)) // per_image))
+        guess = capacity_guess(free, peaks[0], peaks[1] - peaks[0])
         fit, fail = largest_fitting(fits, guess, trials=4)
-        table.rows.append([dataset, len(classes), benchmark.mib(per_image), guess, fit, fail])
-        del model
+        table.rows.append([dataset, len(classes), benchmark.mib(max(peaks[1] - peaks[0], 2**20)), guess, fit, fail])
+        run.largest_micro_batch[dataset] = fit
+        model = None  # its memory goes back before the next dataset's model
         torch.cuda.empty_cache()
 
 
@@ -416,7 +491,7 @@ def stage_distributed(run: Run, out: dict) -> None:
     s = run.sizes
     folder = run.path("runs", "voc-torchrun")
     run.torchrun(processes, run.train_command("voc", folder, max(2, s.class_steps), 1, run.cuda, False,
-                                              batch=4 * processes), "torchrun-train.log")
+                                              batch=4 * processes, processes=processes), "torchrun-train.log")
     records = read_log(folder)
     with open(os.path.join(folder, "log.jsonl")) as f:
         world = json.loads(f.readline())["world_size"]
@@ -426,7 +501,8 @@ def stage_distributed(run: Run, out: dict) -> None:
         raise Check("needs the one-process evaluation of the evaluate stage")
     name = "bf16" if "bf16" in run.runs else "fp32"
     json_path = run.path("eval_torchrun.json")
-    run.torchrun(processes, run.evaluate_command(run.runs[name]["checkpoint"], json_path), "torchrun-evaluate.log")
+    run.torchrun(processes, run.evaluate_command(run.runs[name]["checkpoint"], json_path, processes),
+                 "torchrun-evaluate.log")
     one = json.load(open(run.one_process_eval))["results"]
     many = json.load(open(json_path))["results"]
     difference = max(abs(a - b) for k in one for row_a, row_b in zip(one[k]["confusion"], many[k]["confusion"])
@@ -453,39 +529,108 @@ def stage_table3(run: Run, out: dict) -> None:
 
 
 def stage_sinkhorn(run: Run, out: dict) -> None:
-    """benchmark.py's Sinkhorn table on the device; on CUDA also its compiled block against eager."""
-    tables = benchmark.bench_sinkhorn(run.device, run.args.quick, sizes=run.sizes.sinkhorn)
-    out["tables"] = tables
-    if run.cuda:
-        out["tables"].append(benchmark.bench_compile(run.device, run.args.quick))
+    """tools/benchmark.py's Sinkhorn table on the device: ours against POT's solvers."""
+    out["tables"] = []
     out["goals"] = {}
-    for table in tables:
+    for size in run.sizes.sinkhorn:  # one table at a time: a timeout keeps the tables and goals done
+        table, = benchmark.bench_sinkhorn(run.device, run.args.quick, sizes=[size])
+        out["tables"].append(table)
         rows = {(r[0], r[1]): r for r in table.rows}
         loop = rows.get(("POT sinkhorn_log, one at a time", "forward"))
         if loop is not None:
             out["goals"][f"{table.title.split(':')[0]}: POT loop / ours >= 20"] = [loop[3], loop[3] >= 20]
 
 
+def c_compiler() -> str | None:
+    """The C compiler Triton would build torch.compile's CUDA launchers with ($CC, else cc, gcc, clang)."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def stage_compile(run: Run, out: dict) -> None:
+    """torch.compile on the device: the Sinkhorn block compiled against eager, and the cold compile's time.
+
+    The first compile on a fresh machine takes tens of seconds (inductor generates and Triton builds
+    the kernels), and Triton builds its launchers with a C compiler and Python's headers at run time;
+    without them train.py --compile cannot run, which this stage says before it tries."""
+    if not run.cuda:
+        out["skipped"] = "on CUDA (on a CPU: python -m tools.benchmark --only compile)"
+        return
+    compiler = c_compiler()
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    out.update(c_compiler=compiler, python_headers=os.path.isfile(headers))
+    if compiler is None:
+        raise Check("no C compiler (cc, gcc or clang on PATH, or $CC): Triton needs one to build "
+                    "torch.compile's kernels; install gcc (e.g. apt-get install gcc), then rerun")
+    if not os.path.isfile(headers):
+        raise Check(f"no Python headers ({headers}): Triton needs them to build torch.compile's kernels; install "
+                    f"the Python development package (e.g. apt-get install python{sys.version_info[0]}."
+                    f"{sys.version_info[1]}-dev), then rerun")
+    out["tables"] = [benchmark.bench_compile(run.device, run.args.quick)]
+
+
 def stage_mfu(run: Run, out: dict) -> None:
-    """Model FLOPs of one training step (counted here) over the step time of train.py's run."""
+    """Model FLOPs of a VOC training step over its time and the card's bf16 peak, three ways.
+
+    train.py's step at micro-batch 4 in eager mode is bound by kernel launches, not by its FLOPs: some
+    8,000 CUDA kernels (about 28,000 while Sinkhorn runs all its iterations) for 2 TFLOP, so a few
+    microseconds per launch already cost more than the tensor cores need. It is reported as that.
+    MFU means something at the largest micro-batch the capacity stage found (4 without it), eager
+    and compiled (train.py --compile), measured here in this process with the same step."""
     name = "bf16" if "bf16" in run.runs else "fp32"
     if name not in run.runs:
         raise Check("needs a run of the train stage")
-    s = run.sizes
-    model = benchmark.build_otseg("sinkhorn", s.crop, 10, data.TEMPLATES["N6"], run.device, sizes=s.clip).train()
-    step = benchmark.training_step(model, training_classes("voc"), 4, s.crop, run.device,
-                                   torch.bfloat16 if run.cuda else None)
+    s, device = run.sizes, run.device
+    precision = torch.bfloat16 if run.cuda else None
+    device_name = benchmark.machine(device)
+    peak = run.args.peak_tflops or (bf16_peak_tflops(device_name) if run.cuda else None)
+    classes = training_classes("voc")
+    table = Table(f"MFU, VOC training step ({len(classes)} classes), {s.crop}x{s.crop}, "
+                  f"{'bf16' if precision else 'fp32'} ({device_name}, peak "
+                  f"{f'{peak:g}' if peak else '?'} TFLOP/s)",
+                  ["step", "micro-batch", "TFLOP/step", "s/step", "TFLOP/s", "MFU"],
+                  ["{}", "{}", "{:.3f}", "{:.4f}", "{:.1f}", "{:.3f}"])
+    out.update(table=table, run=name, peak_tflops=peak, mfu=None)
+
+    def add(label: str, batch: int, flops: int, seconds: float) -> float | None:
+        achieved = flops / seconds / 1e12
+        mfu = achieved / peak if peak else None
+        table.rows.append([label, batch, flops / 1e12, seconds, achieved, mfu])
+        return mfu
+
+    model = benchmark.build_otseg("sinkhorn", s.crop, 10, data.TEMPLATES["N6"], device, sizes=s.clip).train()
+    step = benchmark.training_step(model, classes, 4, s.crop, device, precision)
     step()  # the first step allocates the optimizer state; count a steady one
     flops = benchmark.full_flops(step)
-    seconds = run.runs[name]["seconds_per_step"]
-    device_name = benchmark.machine(run.device)
-    peak = run.args.peak_tflops or (bf16_peak_tflops(device_name) if run.cuda else None)
-    achieved = flops / seconds / 1e12
-    out.update(run=name, model_tflop_per_step=flops / 1e12, seconds_per_step=seconds,
-               achieved_tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None)
-    if peak:
-        out["goals"] = {"MFU >= 0.35": [achieved / peak, achieved / peak >= 0.35]}
-    else:
+    out["model_tflop_per_step"] = flops / 1e12
+    add(f"train.py {name}, eager (launch-bound)", 4, flops, run.runs[name]["seconds_per_step"])
+    batch = run.largest_micro_batch.get("voc", 4)
+    try:
+        if batch != 4:  # at the edge of the memory: one step's inputs at a time
+            step = benchmark.training_step(model, classes, batch, s.crop, device, precision)
+            step()
+            flops = benchmark.full_flops(step)
+        out["mfu"] = add("eager, in this process", batch, flops, benchmark.time_it(step, device, repeats=3))
+        del step
+        if run.cuda:  # compiled as train.py --compile compiles: the whole model
+            torch.cuda.empty_cache()
+            compiled = benchmark.training_step(torch.compile(model), classes, batch, s.crop, device, precision)
+            start = time.perf_counter()
+            compiled()
+            benchmark.sync(device)
+            out["compile_seconds"] = time.perf_counter() - start
+            out["mfu"] = add("torch.compile, in this process", batch, flops,
+                             benchmark.time_it(compiled, device, repeats=3))
+    except RuntimeError as error:  # the capacity stage's single step fitted, repeated ones did not
+        if not is_allocation_failure(error):
+            raise
+        table.note = f"micro-batch {batch}: out of memory after {len(table.rows)} row(s) ({str(error)[:120]})"
+    if peak and out["mfu"] is not None:  # the last row measured: compiled on CUDA
+        last = table.rows[-1]
+        out["goals"] = {f"MFU at micro-batch {last[1]}, {last[0].split(',')[0]} >= 0.35": [out["mfu"], out["mfu"] >= 0.35]}
+    elif not peak:
         out["note"] = (f"no bf16 peak known for {device_name}: give --peak-tflops" if run.cuda
                        else "no bf16 peak for a CPU: give --peak-tflops for an MFU")
 
@@ -499,7 +644,8 @@ STAGES = {
     "evaluate": (stage_evaluate, ["data", "train"]),
     "table3": (stage_table3, []),
     "sinkhorn": (stage_sinkhorn, []),
-    "mfu": (stage_mfu, ["data", "train"]),
+    "compile": (stage_compile, []),
+    "mfu": (stage_mfu, ["data", "train"]),  # after capacity (its largest micro-batch) and compile (warm caches)
     "distributed": (stage_distributed, ["data", "train", "evaluate"]),  # last: one GPU's figures come first
 }
 
@@ -538,9 +684,13 @@ def headline(name: str, result: dict) -> str:
     """A stage's figures in one line of the summary table."""
     if result["status"] != "ok":
         return result.get("error") or result.get("skipped") or ""
-    if "goals" in result:
-        return ("" if name != "mfu" else f"{result['achieved_tflops']:.1f} of {result['peak_tflops']:.0f} TFLOP/s; ") + "; ".join(f"{goal}: {value:.3g} ({'met' if met else 'NOT met'})"
-                         for goal, (value, met) in result["goals"].items())
+    goals = "; ".join(f"{goal}: {value:.3g} ({'met' if met else 'NOT met'})"
+                      for goal, (value, met) in result.get("goals", {}).items())
+    if name == "mfu":
+        rows = "; ".join(f"{r[0]} at {r[1]}: {r[4]:.3g} TFLOP/s" for r in result["table"].rows)
+        return "; ".join(part for part in (rows, goals, result.get("note")) if part)
+    if goals:
+        return goals
     if name == "train":
         t = result["table"]
         return "; ".join(f"{r[0]} {r[5]:.3f} s/step" + ("" if r[6] is None else f" {r[6]:.0f} MiB")
@@ -555,8 +705,11 @@ def headline(name: str, result: dict) -> str:
                 f"{result['seconds_with_start']:.1f} s with start-up")
     if name == "distributed":
         return f"{result['processes']} processes: same confusion matrices"
-    if name == "mfu":
-        return f"{result['achieved_tflops']:.3g} TFLOP/s in model FLOPs; " + result.get("note", "")
+    if name == "compile":
+        rows = {r[0]: r for r in result["tables"][0].rows}
+        compiled = rows.get("torch.compile")
+        return "" if compiled is None else (f"Sinkhorn block {compiled[2]:.2f}x eager, first compile "
+                                            f"{compiled[3]:.0f} s")
     if name == "tests":
         return result["summary"] or ""
     if "table" in result:
@@ -581,7 +734,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Prove and measure every CUDA path in one run "
                                                  "(see the module docstring)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda (every GPU of the machine) or cpu")
+                        help="cuda, cuda:N (the one-GPU stages on GPU N; the distributed stage uses every GPU) or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: every stage in about a minute on a CPU")
     parser.add_argument("--only", action="append", choices=list(STAGES),
                         help="run only these stages and those they need (repeatable)")
@@ -599,6 +752,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA GPU (run with --device cpu --quick for the CPU form)")
+        return 2
+    if args.device.startswith("cuda") and torch.device(args.device).index is not None \
+            and torch.device(args.device).index >= torch.cuda.device_count():
+        print(f"error: --device {args.device} but torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -640,11 +797,8 @@ def main(args) -> int:
     report = dict(machine=benchmark.machine(run.device), platform=platform.platform(), torch=torch.__version__,
                   cuda=torch.version.cuda, gpus=torch.cuda.device_count() if run.cuda else 0,
                   quick=args.quick, seconds=total, stages=results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    tmp = f"{args.json}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_save(args.json) as tmp, open(tmp, "w") as f:
         json.dump(to_json(report), f, indent=1)
-    os.replace(tmp, args.json)
     print(f"wrote {args.json}")
     if args.work_dir is None:
         shutil.rmtree(run.work, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU, and the fixtures that
-several test files use (generated datasets, a small checkpoint in train.py's format)."""
+"""Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU; the one comparison
+helper (`assert_close`, imported as `from conftest import assert_close`) and the fixtures that several
+test files use (generated datasets, a small checkpoint in train.py's format)."""
 import pytest
 import torch
 
@@ -7,6 +8,21 @@ import checkpoint
 import data
 from tools import datasets
 from model import OTSeg, trainable_parameters
+
+
+def assert_close(actual, expected, atol: float = 0.0, rtol: float = 0.0, what: str = "") -> None:
+    """Pass when the largest difference is at most atol + rtol * (largest |expected|); the failure says both.
+
+    One yardstick for every test: rtol is relative to the largest entry of the reference (so a plan
+    whose entries are all about 1/(M N) is compared at its own scale), atol absolute.
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{what}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    bound = atol + rtol * scale
+    assert diff <= bound, f"{what}: largest difference {diff:.3e} > {bound:.3e} (largest |expected| {scale:.3e})"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,7 @@ Nothing here is specific to OTSeg; a reader copying a chapter does not need it.
 import inspect
 import os
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,16 +24,39 @@ def print0(*args, **kwargs):
 
 
 def init_process_group_kwargs(backend: str, device: torch.device) -> dict:
-    """Arguments of dist.init_process_group for this torch version.
+    """Arguments of dist.init_process_group for this torch version and this launch.
 
     `device_id` (bind the NCCL communicator to this process's GPU at once, instead of guessing it at
     the first collective) exists from torch 2.3 on; requirements.txt allows torch 2.1, whose
     init_process_group has no such argument, so it is passed only where the signature has it.
+    Under torchrun the group's keys go to `attempt_store` (below) where torchrun's own store needs it.
     """
     kwargs = dict(backend=backend)
     if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         kwargs["device_id"] = device
+    store = attempt_store()
+    if store is not None:
+        kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return kwargs
+
+
+def attempt_store() -> dist.Store | None:
+    """torchrun's key-value store seen through a prefix of this attempt, where torchrun needs one; else None.
+
+    torchrun --max-restarts N restarts every worker when one fails. From torch 2.4 on, the workers'
+    process group keeps its keys (each process's address, among them) in the launcher's own store,
+    which outlives a restart (TORCHELASTIC_USE_AGENT_STORE=True), and torch reuses the same key names
+    at every attempt. A restarted worker may then read its peer's address of the attempt before and
+    fail ("Connection refused") or wait forever (pytorch issues 135712 and 167288). Putting the keys
+    under the restart count gives each attempt keys of its own. On one node every worker of an attempt
+    sees the same count; across nodes each launcher counts its own restarts, so there this is left to
+    torch (README: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for multi-node restarts).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timedelta(minutes=30))  # init_process_group's default
+    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:

@@ -52,6 +52,30 @@ def test_init_arguments_on_torch_2_1(monkeypatch):
     inspect.signature(init_process_group_2_1).bind(**kwargs)
 
 
+def test_each_torchrun_attempt_on_one_node_has_keys_of_its_own(monkeypatch):
+    """Where torchrun's store outlives a restart (TORCHELASTIC_USE_AGENT_STORE, torch >= 2.4), each attempt
+    on one node reads and writes the group's keys under a prefix of its own, in a real TCPStore; without
+    that store, or across nodes, the arguments leave the store to torch."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # stands for torchrun's
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(server.port), RANK="1", WORLD_SIZE="2",
+                            GROUP_WORLD_SIZE="1", TORCHELASTIC_USE_AGENT_STORE="True",
+                            TORCHELASTIC_RESTART_COUNT="0").items():
+        monkeypatch.setenv(name, value)
+    first = common.init_process_group_kwargs("gloo", torch.device("cpu"))
+    inspect.signature(dist.init_process_group).bind(**first)
+    assert (first["rank"], first["world_size"]) == (1, 2)
+    first["store"].set("address_of_rank_1", "before the restart")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = common.init_process_group_kwargs("gloo", torch.device("cpu"))
+    second["store"].set("address_of_rank_1", "after the restart")
+    assert first["store"].get("address_of_rank_1") == b"before the restart"
+    assert second["store"].get("address_of_rank_1") == b"after the restart"  # not the stale one
+    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "False"), ("GROUP_WORLD_SIZE", "2")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert common.init_process_group_kwargs("gloo", torch.device("cpu")) == dict(backend="gloo")
+
+
 @pytest.mark.parametrize("torch_version", ["installed", "2.1"])
 def test_setup_on_gpus_binds_each_process_to_its_gpu(torch_version, monkeypatch):
     """torchrun's variables for the second process of a node -> cuda:1, set as the current device, and

@@ -57,9 +57,21 @@ Conventions shared by every function here:
 - gradients flow through the unrolled iterations, as in the release (`implicit_grad=True` offers a
   memory-light implicit backward instead).
 
+Why a sync-free form (`sync_free=True`). To stop, the loop must read the convergence test on the
+host; on a GPU that read is a synchronisation (the CPU waits for the GPU, then the GPU waits for
+the CPU's next launches), and under torch.compile it ends the graph. The sync-free form runs every
+block of iterations, evaluates the same test on the device, and from the block where it holds keeps
+the potentials unchanged with torch.where: the plan, the iteration count and both gradients are
+the eager loop's, exactly. The price is arithmetic: every call computes all `n_iters` iterations
+(the ones after convergence are discarded), and the unrolled gradient keeps them all for the
+backward pass. Use it where launches and syncs cost more than that: under torch.compile or CUDA
+graphs on a GPU (`train.py --compile`). The eager loop stays the default, to read and to debug.
+
 Run `python sinkhorn.py` for a side-by-side demonstration (a few seconds on a CPU).
 """
 import time
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -68,11 +80,15 @@ from torch import Tensor
 # is a host-device synchronisation on CUDA: the CPU waits for the GPU to finish everything queued,
 # then the GPU idles while the CPU queues the next kernels; it also ends a CUDA graph or a
 # torch.compile graph. The release syncs every iteration; we look every CHECK_EVERY iterations, so at
-# most n_iters / CHECK_EVERY syncs, and the iterations in between (`sinkhorn_log_block`) are pure
-# tensor code that torch.compile (train.py --compile) captures as one graph. The price is at most
-# CHECK_EVERY - 1 extra iterations, each of which only moves the plan closer to the fixed point. On
-# real embeddings the release stops after 4-5 iterations, so 5 usually stops where it does.
+# most n_iters / CHECK_EVERY syncs (none with sync_free=True), and the iterations in between
+# (`sinkhorn_log_block`) are pure tensor code. The price is at most CHECK_EVERY - 1 extra
+# iterations, each of which only moves the plan closer to the fixed point. On real embeddings the
+# release stops after 4-5 iterations, so 5 usually stops where it does.
 CHECK_EVERY = 5
+
+# A block: (first potential, second, n) -> (first, second, err) after n iterations, with err the mean
+# |f - f_prev| of the last iteration's row potential f = u/eps, as a tensor (the stopping rule's input).
+Block = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor]]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -92,20 +108,59 @@ def _marginals(cost: Tensor, a: Tensor | None, b: Tensor | None) -> tuple[Tensor
     return a.to(cost.dtype), b.to(cost.dtype)
 
 
-def _converged(x: Tensor, x_prev: Tensor, tol: float) -> bool:
-    """The release's rule: mean |x - x_prev| over the whole batch < tol (one host sync)."""
-    return bool((x - x_prev).abs().mean() < tol)
+def _converged(err: Tensor, eps: float, tol: float) -> Tensor:
+    """The release's stopping rule, mean |u - u_prev| < tol with u = eps f: a 0-d bool on the device."""
+    return eps * err < tol
 
 
-def _should_check(it: int, tol: float, n_iters: int) -> bool:
-    """Test convergence after iteration `it` (1-based) only every CHECK_EVERY iterations."""
-    return tol > 0 and it % CHECK_EVERY == 0 and it < n_iters
+def _iterate(block: Block, x: Tensor, y: Tensor, eps: float, n_iters: int, tol: float,
+             sync_free: bool) -> tuple[Tensor, Tensor, int | Tensor]:
+    """Run `block` for up to n_iters iterations from (x, y), in blocks of CHECK_EVERY, stopping by
+    `_converged` after a block: the loop of both forms. Returns (x, y, iterations run).
+
+    Eager: the test is read on the host after every block but the last (one sync each; none when
+    tol = 0, which never stops) and the loop breaks; the count is an int. Sync-free: every block
+    runs; the test stays on the device as `done`, and once it holds torch.where keeps (x, y) as they
+    were, so the result is the eager one; the count is a 0-d tensor.
+    """
+    if not sync_free:
+        it = 0
+        while it < n_iters:  # the last block may be shorter
+            n = min(CHECK_EVERY, n_iters - it)
+            x, y, err = block(x, y, n)
+            it += n
+            if tol > 0 and it < n_iters and bool(_converged(err, eps, tol)):  # one host sync per block
+                break
+        return x, y, it
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    iters = torch.zeros((), dtype=torch.long, device=x.device)
+    for start in range(0, n_iters, CHECK_EVERY):
+        n = min(CHECK_EVERY, n_iters - start)
+        x_new, y_new, err = block(x, y, n)
+        x, y = torch.where(done, x, x_new), torch.where(done, y, y_new)  # converged: keep, as a break would
+        iters = iters + n * (~done).long()
+        done = done | _converged(err, eps, tol)
+    return x, y, iters
 
 
 # ----------------------------------------------------------------------------- the two forms
 
+def _naive_block(kernel: Tensor, mu: Tensor, nu: Tensor, alpha: Tensor, beta: Tensor,
+                 n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """n scaling iterations: K (..., M, N), mu and alpha (..., M), nu and beta (..., N) -> alpha, beta,
+    and mean |log alpha - log alpha_prev| of the last one (alpha = exp(f): the log form's error)."""
+    err = alpha.new_zeros(())
+    for _ in range(n):
+        alpha_prev = alpha
+        alpha = mu / (kernel @ beta.unsqueeze(-1)).squeeze(-1)                   # (..., M)
+        beta = nu / (kernel.transpose(-2, -1) @ alpha.unsqueeze(-1)).squeeze(-1)  # (..., N)
+        err = (alpha.log() - alpha_prev.log()).abs().mean()
+    return alpha, beta, err
+
+
 def sinkhorn_naive(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | None = None,
-                   n_iters: int = 100, tol: float = 1e-6, return_iters: bool = False):
+                   n_iters: int = 100, tol: float = 1e-6, return_iters: bool = False,
+                   sync_free: bool = False):
     r"""Entropic OT plan by Sinkhorn's matrix scaling (Cuturi 2013; paper Eq. 4).
 
     .. math::
@@ -124,27 +179,22 @@ def sinkhorn_naive(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor 
         n_iters: maximum number of iterations.
         tol: stop when mean |u - u_prev| < tol (checked every CHECK_EVERY iterations); 0 runs
             exactly n_iters iterations.
-        return_iters: also return the number of iterations run (an int).
+        return_iters: also return the number of iterations run.
+        sync_free: test convergence on the device, never on the host (module docstring).
     Returns:
-        plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked.
+        plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked
+        (an int; a 0-d tensor when sync_free).
     """
     dtype = _working_dtype(cost)
     with torch.autocast(device_type=cost.device.type, enabled=False):
         cost = cost.to(dtype)
         mu, nu = _marginals(cost, a, b)
         kernel = torch.exp(-cost / eps)                                  # (..., M, N)
-        beta = torch.ones_like(nu)                                       # (..., N)
-        alpha = torch.ones_like(mu)                                      # alpha^0 = 1, i.e. u = 0
-        it = 0
-        for it in range(1, n_iters + 1):
-            alpha_prev = alpha
-            alpha = mu / (kernel @ beta.unsqueeze(-1)).squeeze(-1)                   # (..., M)
-            beta = nu / (kernel.transpose(-2, -1) @ alpha.unsqueeze(-1)).squeeze(-1)  # (..., N)
-            if _should_check(it, tol, n_iters) and _converged(
-                    eps * alpha.log(), eps * alpha_prev.log(), tol):
-                break
+        alpha, beta = torch.ones_like(mu), torch.ones_like(nu)           # alpha^0 = 1, i.e. u = 0
+        alpha, beta, iters = _iterate(partial(_naive_block, kernel, mu, nu), alpha, beta,
+                                      eps, n_iters, tol, sync_free)
         plan = alpha.unsqueeze(-1) * kernel * beta.unsqueeze(-2)         # (..., M, N)
-    return (plan, it) if return_iters else plan
+    return (plan, iters) if return_iters else plan
 
 
 def sinkhorn_log_block(log_kernel: Tensor, log_mu: Tensor, log_nu: Tensor, f: Tensor, g: Tensor,
@@ -154,7 +204,7 @@ def sinkhorn_log_block(log_kernel: Tensor, log_mu: Tensor, log_nu: Tensor, f: Te
     A (..., M, N), log mu (..., M, 1), log nu (..., 1, N), f (..., M, 1), g (..., 1, N) -> the new
     f and g, and the error the stopping rule reads: mean |f - f_prev| of the last iteration, as a
     tensor. Pure tensor code with no host synchronisation, so torch.compile captures the n unrolled
-    iterations as one graph; only the loop in `_sinkhorn_log_loop` reads a value on the host.
+    iterations as one graph.
     """
     err = f.new_zeros(())
     for _ in range(n):
@@ -163,26 +213,6 @@ def sinkhorn_log_block(log_kernel: Tensor, log_mu: Tensor, log_nu: Tensor, f: Te
         g = log_nu - torch.logsumexp(log_kernel + f, dim=-2, keepdim=True)  # (..., 1, N)
         err = (f - f_prev).abs().mean()
     return f, g, err
-
-
-def _sinkhorn_log_loop(log_kernel: Tensor, log_mu: Tensor, log_nu: Tensor, eps: float,
-                       n_iters: int, tol: float) -> tuple[Tensor, Tensor, int]:
-    """The log-domain iterations on A = -C/eps (..., M, N), log mu (..., M, 1), log nu (..., 1, N).
-
-    Returns the scaled potentials f = u/eps (..., M, 1), g = v/eps (..., 1, N) and the count.
-    """
-    # The release's update order (its `decode_seg.py`): both potentials start at 0, rows then columns.
-    f = torch.zeros_like(log_mu)
-    g = torch.zeros_like(log_nu)
-    it = 0
-    while it < n_iters:  # blocks of CHECK_EVERY iterations, the last one possibly shorter
-        n = min(CHECK_EVERY, n_iters - it)
-        f, g, err = sinkhorn_log_block(log_kernel, log_mu, log_nu, f, g, n)
-        it += n
-        # the release's rule on u = eps f: mean |u - u_prev| < tol, i.e. mean |f - f_prev| < tol/eps
-        if tol > 0 and it < n_iters and bool(err < tol / eps):  # one host sync per block
-            break
-    return f, g, it
 
 
 class _PlanWithImplicitGradient(torch.autograd.Function):
@@ -216,7 +246,7 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cost: Tensor, f: Tensor, g: Tensor, eps: float) -> Tensor:
-        # f = u/eps (..., M, 1) and g = v/eps (..., 1, N), as _sinkhorn_log_loop returns them
+        # f = u/eps (..., M, 1) and g = v/eps (..., 1, N), the converged potentials of sinkhorn_log
         plan = torch.exp(-cost / eps + f + g)                              # (..., M, N)
         ctx.save_for_backward(plan)
         ctx.eps = eps
@@ -245,7 +275,7 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
 
 def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | None = None,
                  n_iters: int = 100, tol: float = 1e-6, return_iters: bool = False,
-                 implicit_grad: bool = False):
+                 implicit_grad: bool = False, sync_free: bool = False):
     r"""Entropic OT plan by log-domain Sinkhorn (Schmitzer 2019; Peyre & Cuturi 2019, Sec. 4.4).
 
     .. math::
@@ -265,13 +295,16 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         n_iters: maximum number of iterations.
         tol: stop when mean |u - u_prev| < tol over the whole batch (checked every CHECK_EVERY
             iterations); 0 runs exactly n_iters iterations.
-        return_iters: also return the number of iterations run (an int).
+        return_iters: also return the number of iterations run.
         implicit_grad: instead of backpropagating through the iterations (the release's way),
             run them without a graph and differentiate the converged plan implicitly
             (`_PlanWithImplicitGradient`): memory no longer grows with the iterations. Gradients
             reach `cost` only, so a and b must not require them.
+        sync_free: test convergence on the device, never on the host: the same plan and
+            gradients, for torch.compile and CUDA graphs (module docstring).
     Returns:
-        plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked.
+        plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked
+        (an int; a 0-d tensor when sync_free).
     """
     dtype = _working_dtype(cost)
     with torch.autocast(device_type=cost.device.type, enabled=False):
@@ -279,23 +312,25 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         mu, nu = _marginals(cost, a, b)
         # The release adds 1e-8 inside these logs (a ~1e-5 relative change); not needed here.
         log_mu, log_nu = mu.log().unsqueeze(-1), nu.log().unsqueeze(-2)  # (..., M, 1), (..., 1, N)
-        if not implicit_grad:
+        if implicit_grad and (log_mu.requires_grad or log_nu.requires_grad):
+            raise ValueError("implicit_grad differentiates the cost only; a and b must not require grad")
+        # The release's update order (its `decode_seg.py`): both potentials start at 0, rows then columns.
+        f, g = torch.zeros_like(log_mu), torch.zeros_like(log_nu)       # (..., M, 1), (..., 1, N)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not implicit_grad):  # implicit: no graph
             log_kernel = -cost / eps                                       # A, (..., M, N)
-            f, g, iters = _sinkhorn_log_loop(log_kernel, log_mu, log_nu, eps, n_iters, tol)
-            plan = torch.exp(log_kernel + f + g)                           # (..., M, N)
-        else:
-            if log_mu.requires_grad or log_nu.requires_grad:
-                raise ValueError("implicit_grad differentiates the cost only; a and b must not require grad")
-            with torch.no_grad():
-                f, g, iters = _sinkhorn_log_loop(-cost / eps, log_mu, log_nu, eps, n_iters, tol)
+            f, g, iters = _iterate(partial(sinkhorn_log_block, log_kernel, log_mu, log_nu), f, g,
+                                   eps, n_iters, tol, sync_free)
+        if implicit_grad:
             plan = _PlanWithImplicitGradient.apply(cost, f, g, eps)        # (..., M, N)
+        else:
+            plan = torch.exp(log_kernel + f + g)                           # (..., M, N)
     return (plan, iters) if return_iters else plan
 
 
 # ----------------------------------------------------------------------------- Multi-Prompts Sinkhorn
 
 def mps(sim: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
-        return_plan: bool = False, implicit_grad: bool = False):
+        return_plan: bool = False, implicit_grad: bool = False, sync_free: bool = False):
     r"""Multi-Prompts Sinkhorn score (paper Eq. 9-10).
 
     .. math::
@@ -310,21 +345,22 @@ def mps(sim: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
         eps, n_iters, tol: as in `sinkhorn_log` (the defaults are the release's).
         return_plan: also return the plan T* (..., M, N).
         implicit_grad: as in `sinkhorn_log` (the default, False, is the release's unrolled gradient).
+        sync_free: as in `sinkhorn_log` (no host sync; the same score).
     Returns:
-        score (..., M) in float32 (float64 for float64 input), or (score, plan). For N = 1 the
-        score is sim[..., 0] itself, in sim's dtype.
+        score (..., M), or (score, plan): in float32 whatever sim's dtype (float64 stays float64),
+        as every function here. For N = 1 the score is sim[..., 0] itself (converted).
     """
     m, n = sim.shape[-2:]
-    if n == 1:
-        # One prompt: its column must carry mass 1 spread as the rows' 1/M, so T* = 1/M and
-        # M N T* = 1 exactly; skip the solver (whose rounding would only blur this).
-        score = sim[..., 0]
-        return (score, torch.full_like(sim, 1.0 / m)) if return_plan else score
     dtype = _working_dtype(sim)
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(dtype)  # before 1 - sim: in bf16 the subtraction would lose digits
-        plan = sinkhorn_log(1.0 - sim, eps, n_iters=n_iters, tol=tol,
-                            implicit_grad=implicit_grad)                 # (..., M, N)
+        if n == 1:
+            # One prompt: its column must carry mass 1 spread as the rows' 1/M, so T* = 1/M and
+            # M N T* = 1 exactly; skip the solver (whose rounding would only blur this).
+            score = sim[..., 0]                                          # (..., M)
+            return (score, torch.full_like(sim, 1.0 / m)) if return_plan else score
+        plan = sinkhorn_log(1.0 - sim, eps, n_iters=n_iters, tol=tol, implicit_grad=implicit_grad,
+                            sync_free=sync_free)                         # (..., M, N)
         score = (m * n * plan * sim).sum(dim=-1)                         # (..., M)
     return (score, plan) if return_plan else score
 

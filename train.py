@@ -38,6 +38,17 @@ the CLIP's description, templates, classes and test windows.
 Bad input (a path, a checkpoint of another run, a damaged file met by a data-loading worker) stops
 the program with one line `error: ...` before anything is written, or, met during training, leaves
 no directory behind that holds nothing but the log of the failed start.
+
+Faults of long runs (StopSignal, Divergence below). SIGTERM or ^C (a scheduler's preemption; torchrun
+passes its own on to the workers): the step in progress is finished, every process agrees, ckpt.pt is
+written at that step, and the program exits with 143 or 130. A loss that is not finite: the run stops
+with one `error:` line at the next logged step (at most --log-every steps late) and writes no
+checkpoint, so the last good ckpt.pt and iter_N.pt stay. A checkpoint that cannot be written (a full
+disk): one line naming the folder, every process stops, the previous file stays (atomic writes).
+`--resume auto` continues from OUTPUT_DIR/ckpt.pt when it is there and starts fresh otherwise, so the
+same command serves a requeued job and `torchrun --max-restarts N` (which restarts every worker when
+one dies): at most the steps since the last save are lost.
+    torchrun --standalone --nproc_per_node 4 --max-restarts 3 train.py ... --output-dir runs/voc --resume auto
 """
 import argparse
 import json
@@ -153,7 +164,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="data loading processes per GPU (default: 4, or the number of cores if fewer)")
     group.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (Sinkhorn stays fp32)")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model's tensor program (OTSeg.segment), Sinkhorn sync-free")
     group.add_argument("--eval-every", type=int, default=0,
                        help="evaluate every N steps and keep best.pt by hIoU (0: off, as the release)")
     group.add_argument("--log-every", type=int, default=10)
@@ -364,7 +376,8 @@ def build_model(args, schedule: dict, crop: int, templates: list[str], device: t
     torch.manual_seed(args.seed)  # the same initial prompts and head on every process
     clip_model = checkpoint.build_clip(args.clip_weights, schedule["prompt_tokens"], crop, device)
     description = checkpoint.describe_clip(clip_model, args.clip_weights)
-    model = OTSeg(clip_model, templates, matching=args.matching, implicit_grad=args.implicit_grad).to(device)
+    model = OTSeg(clip_model, templates, matching=args.matching, implicit_grad=args.implicit_grad,
+                  sync_free=args.compile).to(device)  # sync-free: no host sync to break the compiled graph
     for what, ckpt in (("the --resume checkpoint", resume), ("the --init-from checkpoint", init)):
         if ckpt is not None:
             checkpoint.check_same_clip(ckpt["clip"], description, what, strict=ckpt is resume)
@@ -613,7 +626,8 @@ def train(args) -> None:
 
     loader = make_loader(train_set, schedule["batch_size"], micro_batch, rank, world_size, args.seed,
                          start_step, args.workers, device)
-    forward = torch.compile(model) if args.compile else model
+    if args.compile:  # one graph, forward and backward; the names' text embeddings stay in Python (model.py)
+        model.segment = torch.compile(model.segment)
     precision = autocast(device, args.amp)
     if args.amp and device.type != "cuda":
         print0("note: --amp is for CUDA; training in fp32")
@@ -629,7 +643,7 @@ def train(args) -> None:
             micro_batches = [(b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True))
                              for b in micro_batches]
             lr = learning_rate(step, schedule)
-            values = train_step(forward, optimizer, micro_batches, train_classes, lr, params, world_size,
+            values = train_step(model, optimizer, micro_batches, train_classes, lr, params, world_size,
                                 precision, schedule, pseudo_seen)
             done = step + 1
             divergence.update(done, values["loss"])

@@ -107,14 +107,20 @@ def test_bare_tower_is_the_same_clip_without_prompts(model):
     assert table.rows[1][2] == pytest.approx(table.rows[1][1] / table.rows[0][1])
 
 
-def test_count_host_syncs_counts_bool_and_item():
+def test_count_host_syncs_counts_bool_and_item_and_puts_the_methods_back():
     x = torch.tensor([1.0, 2.0])
+    original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
     with benchmark.count_host_syncs() as syncs:
+        assert torch.Tensor.__bool__ is not original_bool and torch.Tensor.item is not original_item
         bool(x.sum() > 0)
         x[0].item()
         x + 1  # no synchronisation
     assert syncs["n"] == 2
-    assert torch.Tensor.__bool__ is not None and bool(torch.tensor(1.0))  # the methods are put back
+    assert torch.Tensor.__bool__ is original_bool and torch.Tensor.item is original_item
+    with pytest.raises(RuntimeError), benchmark.count_host_syncs():  # put back after an error too
+        raise RuntimeError
+    assert torch.Tensor.__bool__ is original_bool and torch.Tensor.item is original_item
+
 
 
 def test_host_syncs_are_counted_by_the_line_that_asks_and_cpu_work_is_not():

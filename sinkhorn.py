@@ -70,7 +70,6 @@ graphs on a GPU (`train.py --compile`). The eager loop stays the default, to rea
 Run `python sinkhorn.py` for a side-by-side demonstration (a few seconds on a CPU).
 """
 import time
-from functools import partial
 from typing import Callable
 
 import torch
@@ -86,15 +85,19 @@ from torch import Tensor
 # release stops after 4-5 iterations, so 5 usually stops where it does.
 CHECK_EVERY = 5
 
-# A block: (first potential, second, n) -> (first, second, err) after n iterations, with err the mean
-# |f - f_prev| of the last iteration's row potential f = u/eps, as a tensor (the stopping rule's input).
-Block = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor]]
+# A block: (*fixed inputs, first potential, second, n) -> (first, second, err) after n iterations, err
+# the mean |f - f_prev| of the last iteration's row potential f = u/eps, as a tensor (what the
+# stopping rule reads).
+Block = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _working_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; float32, bfloat16 and float16 are all computed in float32."""
+def working_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; float32, bfloat16 and float16 are all computed in float32.
+
+    (torch.promote_types(x.dtype, torch.float32) says the same, but breaks a torch.compile graph
+    on older torch.)"""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -113,10 +116,10 @@ def _converged(err: Tensor, eps: float, tol: float) -> Tensor:
     return eps * err < tol
 
 
-def _iterate(block: Block, x: Tensor, y: Tensor, eps: float, n_iters: int, tol: float,
-             sync_free: bool) -> tuple[Tensor, Tensor, int | Tensor]:
-    """Run `block` for up to n_iters iterations from (x, y), in blocks of CHECK_EVERY, stopping by
-    `_converged` after a block: the loop of both forms. Returns (x, y, iterations run).
+def _iterate(block: Block, inputs: tuple[Tensor, ...], x: Tensor, y: Tensor, eps: float, n_iters: int,
+             tol: float, sync_free: bool) -> tuple[Tensor, Tensor, int | Tensor]:
+    """Up to n_iters iterations from (x, y) as `block(*inputs, x, y, n)` calls of CHECK_EVERY each,
+    stopping by `_converged` after a block: the loop of both forms. Returns (x, y, iterations run).
 
     Eager: the test is read on the host after every block but the last (one sync each; none when
     tol = 0, which never stops) and the loop breaks; the count is an int. Sync-free: every block
@@ -127,7 +130,7 @@ def _iterate(block: Block, x: Tensor, y: Tensor, eps: float, n_iters: int, tol: 
         it = 0
         while it < n_iters:  # the last block may be shorter
             n = min(CHECK_EVERY, n_iters - it)
-            x, y, err = block(x, y, n)
+            x, y, err = block(*inputs, x, y, n)
             it += n
             if tol > 0 and it < n_iters and bool(_converged(err, eps, tol)):  # one host sync per block
                 break
@@ -136,7 +139,7 @@ def _iterate(block: Block, x: Tensor, y: Tensor, eps: float, n_iters: int, tol: 
     iters = torch.zeros((), dtype=torch.long, device=x.device)
     for start in range(0, n_iters, CHECK_EVERY):
         n = min(CHECK_EVERY, n_iters - start)
-        x_new, y_new, err = block(x, y, n)
+        x_new, y_new, err = block(*inputs, x, y, n)
         x, y = torch.where(done, x, x_new), torch.where(done, y, y_new)  # converged: keep, as a break would
         iters = iters + n * (~done).long()
         done = done | _converged(err, eps, tol)
@@ -185,14 +188,14 @@ def sinkhorn_naive(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor 
         plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked
         (an int; a 0-d tensor when sync_free).
     """
-    dtype = _working_dtype(cost)
+    dtype = working_dtype(cost)
     with torch.autocast(device_type=cost.device.type, enabled=False):
         cost = cost.to(dtype)
         mu, nu = _marginals(cost, a, b)
         kernel = torch.exp(-cost / eps)                                  # (..., M, N)
         alpha, beta = torch.ones_like(mu), torch.ones_like(nu)           # alpha^0 = 1, i.e. u = 0
-        alpha, beta, iters = _iterate(partial(_naive_block, kernel, mu, nu), alpha, beta,
-                                      eps, n_iters, tol, sync_free)
+        alpha, beta, iters = _iterate(_naive_block, (kernel, mu, nu), alpha, beta, eps, n_iters, tol,
+                                      sync_free)
         plan = alpha.unsqueeze(-1) * kernel * beta.unsqueeze(-2)         # (..., M, N)
     return (plan, iters) if return_iters else plan
 
@@ -306,7 +309,7 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked
         (an int; a 0-d tensor when sync_free).
     """
-    dtype = _working_dtype(cost)
+    dtype = working_dtype(cost)
     with torch.autocast(device_type=cost.device.type, enabled=False):
         cost = cost.to(dtype)
         mu, nu = _marginals(cost, a, b)
@@ -318,8 +321,8 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         f, g = torch.zeros_like(log_mu), torch.zeros_like(log_nu)       # (..., M, 1), (..., 1, N)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not implicit_grad):  # implicit: no graph
             log_kernel = -cost / eps                                       # A, (..., M, N)
-            f, g, iters = _iterate(partial(sinkhorn_log_block, log_kernel, log_mu, log_nu), f, g,
-                                   eps, n_iters, tol, sync_free)
+            f, g, iters = _iterate(sinkhorn_log_block, (log_kernel, log_mu, log_nu), f, g, eps, n_iters,
+                                   tol, sync_free)
         if implicit_grad:
             plan = _PlanWithImplicitGradient.apply(cost, f, g, eps)        # (..., M, N)
         else:
@@ -351,7 +354,7 @@ def mps(sim: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
         as every function here. For N = 1 the score is sim[..., 0] itself (converted).
     """
     m, n = sim.shape[-2:]
-    dtype = _working_dtype(sim)
+    dtype = working_dtype(sim)
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(dtype)  # before 1 - sim: in bf16 the subtraction would lose digits
         if n == 1:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sinkhorn import mps
+from sinkhorn import mps, working_dtype
 
 MATCHINGS = ("sinkhorn", "softmax")
 
@@ -52,20 +52,22 @@ MATCHINGS = ("sinkhorn", "softmax")
 # ----------------------------------------------------------------------------------------------
 
 def sinkhorn_matching(q: torch.Tensor, k: torch.Tensor, eps: float = 0.05, n_iters: int = 100,
-                      tol: float = 1e-6, implicit_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      tol: float = 1e-6, implicit_grad: bool = False,
+                      sync_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """MPSA's matching. q (B, K, N, C), k (B, M, C) -> mask logits (B, K, M), plan (B, K, M, N).
 
     `implicit_grad=True` differentiates the converged plan instead of the unrolled iterations
-    (`sinkhorn.sinkhorn_log`): less training memory, not the release's gradient."""
+    (`sinkhorn.sinkhorn_log`): less training memory, not the release's gradient. `sync_free=True`
+    tests convergence on the device (`sinkhorn.py`'s docstring): the same result, for torch.compile."""
     # In fp32 (fp64 stays) whatever the autocast: a bf16 cosine keeps ~3 digits, and Sinkhorn divides
     # it by eps = 0.05 inside an exponential (1% error on the plan in bf16, 1e-7 in fp32).
-    dtype = torch.promote_types(q.dtype, torch.float32)
+    dtype = working_dtype(q)
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = F.normalize(q.to(dtype), dim=-1)
         k = F.normalize(k.to(dtype), dim=-1)
         sim = torch.einsum("bknc,bmc->bkmn", q, k)  # (B, K, M, N) cosine similarities
-    return mps(sim, eps=eps, n_iters=n_iters, tol=tol, return_plan=True,
-               implicit_grad=implicit_grad)  # (B, K, M), (B, K, M, N)
+    return mps(sim, eps=eps, n_iters=n_iters, tol=tol, return_plan=True, implicit_grad=implicit_grad,
+               sync_free=sync_free)  # (B, K, M), (B, K, M, N)
 
 
 def softmax_mask_logits(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -85,13 +87,13 @@ def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, num_heads: int,
-                      dropout: float = 0.0) -> torch.Tensor:
+                      attn_dropout: float = 0.0) -> torch.Tensor:
     """Multi-head softmax cross-attention over pixels. q (B, K, N, C), k, value (B, M, C) -> (B, K, N, C)."""
     B, K, N, C = q.shape
     out = F.scaled_dot_product_attention(
         _split_heads(q.flatten(1, 2), num_heads),  # (B, H, K*N, C/H): every (class, prompt) a query
         _split_heads(k, num_heads), _split_heads(value, num_heads),  # (B, H, M, C/H)
-        dropout_p=dropout)  # (B, H, K*N, C/H)
+        dropout_p=attn_dropout)  # (B, H, K*N, C/H)
     return out.transpose(1, 2).flatten(2).unflatten(1, (K, N))  # (B, K*N, C) -> (B, K, N, C)
 
 
@@ -107,8 +109,8 @@ class MultiPromptAttention(nn.Module):
     """
 
     def __init__(self, dim: int, matching: str = "sinkhorn", num_heads: int = 8,
-                 dropout: float = 0.1, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
-                 implicit_grad: bool = False, mask_only: bool = False):
+                 attn_dropout: float = 0.1, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
+                 implicit_grad: bool = False, sync_free: bool = False, mask_only: bool = False):
         super().__init__()
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -116,8 +118,9 @@ class MultiPromptAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.matching = matching
         self.num_heads = num_heads
-        self.dropout = dropout  # on the attention weights, as the release's attn_drop 0.1
-        self.eps, self.n_iters, self.tol, self.implicit_grad = eps, n_iters, tol, implicit_grad
+        self.attn_dropout = attn_dropout  # a probability, on the attention weights (release: attn_drop 0.1)
+        self.eps, self.n_iters, self.tol = eps, n_iters, tol
+        self.implicit_grad, self.sync_free = implicit_grad, sync_free
         self.mask_only = mask_only
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -131,18 +134,19 @@ class MultiPromptAttention(nn.Module):
         q = self.q_proj(queries)  # (B, K, N, C)
         k = self.k_proj(memory)  # (B, M, C)
         if self.matching == "sinkhorn":
-            mask, plan = sinkhorn_matching(q, k, self.eps, self.n_iters, self.tol, self.implicit_grad)
+            mask, plan = sinkhorn_matching(q, k, self.eps, self.n_iters, self.tol, self.implicit_grad,
+                                           self.sync_free)
         else:
             mask = softmax_mask_logits(q, k, self.num_heads)
         if self.mask_only:
             return None, mask
         value = self.v_proj(memory)  # (B, M, C)
         if self.matching == "sinkhorn":
-            weights = F.dropout(plan, self.dropout, self.training).to(value.dtype)  # (B, K, M, N)
+            weights = F.dropout(plan, self.attn_dropout, self.training).to(value.dtype)  # (B, K, M, N)
             out = torch.einsum("bkmn,bmc->bknc", weights, value)  # (B, K, N, C)
         else:
-            dropout = self.dropout if self.training else 0.0
-            out = softmax_attention(q, k, value, self.num_heads, dropout)  # (B, K, N, C)
+            attn_dropout = self.attn_dropout if self.training else 0.0
+            out = softmax_attention(q, k, value, self.num_heads, attn_dropout)  # (B, K, N, C)
         return self.out_proj(out), mask
 
 
@@ -158,11 +162,12 @@ class MPSADecoderLayer(nn.Module):
     def __init__(self, dim: int, ffn_dim: int = 2048, dropout: float = 0.1,
                  matching: str = "sinkhorn", num_heads: int = 8, eps: float = 0.05,
                  n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False,
-                 mask_only: bool = False):
+                 sync_free: bool = False, mask_only: bool = False):
         super().__init__()
         self.cross_attn = MultiPromptAttention(dim, matching=matching, num_heads=num_heads,
-                                               dropout=dropout, eps=eps, n_iters=n_iters, tol=tol,
-                                               implicit_grad=implicit_grad, mask_only=mask_only)
+                                               attn_dropout=dropout, eps=eps, n_iters=n_iters, tol=tol,
+                                               implicit_grad=implicit_grad, sync_free=sync_free,
+                                               mask_only=mask_only)
         self.mask_only = mask_only
         if not mask_only:
             self.norm2 = nn.LayerNorm(dim)
@@ -195,20 +200,24 @@ class MPSADecoder(nn.Module):
         dim: channel width C of queries and memory (CLIP's embedding width: 512 for ViT-B/16).
         num_layers: L; layers 1..L-1 are full layers, layer L only computes its mask.
         ffn_dim: hidden width of the FFN (2048 = 4C in the release).
-        dropout: on the attention weights, the attention and FFN branches, and inside the FFN.
+        dropout: probability of every dropout: on the attention weights (each attention's
+            `attn_dropout`), on the attention and FFN branches, and inside the FFN.
         matching: "sinkhorn" (MPSA) or "softmax" (the baseline; same parameters).
         num_heads: heads of the softmax matching (MPSA is single-head: the prompts are its heads).
         eps, n_iters, tol: Sinkhorn's, as in `sinkhorn.mps`.
         implicit_grad: differentiate the converged plans instead of the unrolled iterations
             (`sinkhorn.sinkhorn_log`; saves training memory; off, as the release).
+        sync_free: Sinkhorn's convergence test stays on the device (`sinkhorn.py`'s docstring): the
+            same outputs and gradients, no host sync, for torch.compile; off by default.
     """
 
     def __init__(self, dim: int = 512, num_layers: int = 3, ffn_dim: int = 2048,
                  dropout: float = 0.1, matching: str = "sinkhorn", num_heads: int = 8,
-                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False):
+                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False,
+                 sync_free: bool = False):
         super().__init__()
         options = dict(ffn_dim=ffn_dim, dropout=dropout, matching=matching, num_heads=num_heads,
-                       eps=eps, n_iters=n_iters, tol=tol, implicit_grad=implicit_grad)
+                       eps=eps, n_iters=n_iters, tol=tol, implicit_grad=implicit_grad, sync_free=sync_free)
         # Every layer starts as the same layer, as in the release's `decode_seg.py`: it builds one
         # layer and nn.TransformerDecoder deep-copies it into each place, and its head's weight init
         # is never called (PyTorch's default init). The last layer keeps the same q and k.

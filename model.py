@@ -35,7 +35,7 @@ from torch import nn
 
 from clip import CLIP, TINY, freeze_except_prompts, tokenize
 from mpsa import MATCHINGS, MPSADecoder
-from sinkhorn import mps
+from sinkhorn import mps, working_dtype
 
 TEXT_BATCH = 256  # texts per pass of the text tower (COCO-Stuff has K*N = 171*8 = 1368)
 
@@ -70,10 +70,14 @@ class OTSeg(nn.Module):
         eps, n_iters, tol: Sinkhorn's (sinkhorn.mps), for both MPS and MPSA.
         implicit_grad: differentiate the converged transport plans instead of the unrolled Sinkhorn
             iterations (less training memory; off by default, as the release).
+        sync_free: Sinkhorn tests convergence on the device (sinkhorn.py's docstring): the same
+            outputs and gradients with no host sync, so that torch.compile captures `segment` whole
+            (train.py --compile); off by default.
     """
 
     def __init__(self, clip_model: CLIP, templates: list[str], matching: str = "sinkhorn",
-                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False):
+                 eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6, implicit_grad: bool = False,
+                 sync_free: bool = False):
         super().__init__()
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -81,11 +85,13 @@ class OTSeg(nn.Module):
         freeze_except_prompts(clip_model)  # frozen CLIP, text tower included; prompts train
         self.templates = list(templates)
         self.matching = matching
-        self.eps, self.n_iters, self.tol, self.implicit_grad = eps, n_iters, tol, implicit_grad
+        self.eps, self.n_iters, self.tol = eps, n_iters, tol
+        self.implicit_grad, self.sync_free = implicit_grad, sync_free
         dim = clip_model.text_projection.shape[1]  # C: 512 for ViT-B/16, 768 for ViT-L/14
         self.relationship_descriptor = nn.Linear(2 * dim, dim)
         self.decoder = MPSADecoder(dim, num_layers=3, ffn_dim=4 * dim, dropout=0.1, matching=matching,
-                                   num_heads=8, eps=eps, n_iters=n_iters, tol=tol, implicit_grad=implicit_grad)
+                                   num_heads=8, eps=eps, n_iters=n_iters, tol=tol,
+                                   implicit_grad=implicit_grad, sync_free=sync_free)
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}  # not state: rebuilt from the text tower
 
     # -------------------------------------------------------------------------- text embeddings
@@ -113,14 +119,13 @@ class OTSeg(nn.Module):
 
     # -------------------------------------------------------------------------- forward
 
-    def encode(self, images: torch.Tensor,
-               class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """Steps 1-3: pixel embeddings v (B, M, C), queries q0 (B, K, N, C) and the patch grid (h, w)."""
-        text = self.text_embeddings(class_names)  # (K, N, C)
+    def embed(self, images: torch.Tensor,
+              text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Steps 2-3 from the text embeddings t (K, N, C): v (B, M, C), q0 (B, K, N, C), grid (h, w)."""
         global_embedding, dense = self.clip.encode_dense(images)  # (B, C), (B, C, h, w)
         B, C, h, w = dense.shape
         K, N, _ = text.shape
-        dtype = torch.promote_types(dense.dtype, torch.float32)  # unit vectors in fp32 under autocast too
+        dtype = working_dtype(dense)  # unit vectors in fp32 under autocast too (fp64 stays)
         g = F.normalize(global_embedding.to(dtype), dim=-1)  # (B, C)
         pixels = F.normalize(dense.flatten(2).transpose(1, 2).to(dtype), dim=-1)  # (B, C, M) -> (B, M, C)
 
@@ -136,23 +141,23 @@ class OTSeg(nn.Module):
 
         In fp32 (fp64 stays) under autocast too, as MPSA's (mpsa.sinkhorn_matching): Sinkhorn divides
         the similarities by eps = 0.05, so bf16's ~3 digits would move the plan by about 1%."""
-        dtype = torch.promote_types(pixels.dtype, torch.float32)
+        dtype = working_dtype(pixels)
         with torch.autocast(device_type=pixels.device.type, enabled=False):
             return torch.einsum("bmc,bknc->bkmn", pixels.to(dtype), F.normalize(queries.to(dtype), dim=-1))
 
-    def forward(self, images: torch.Tensor, class_names: list[str]) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W), H and W multiples of the patch size; K class names.
+    def segment(self, images: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Steps 2-6, `forward` from the text embeddings t (K, N, C): dict(decoder=D, score=S), (B, K, H, W).
 
-        Returns dict(decoder=D, score=S): logits (B, K, H, W) of the decoder (MPSA) and score-map (MPS)
-        paths, upsampled to the input size.
+        Tensors in, tensors out: with sync_free=True nothing in it waits for the host, and it is what
+        torch.compile captures as one graph, forward and backward (train.py --compile).
         """
-        pixels, queries, (h, w) = self.encode(images, class_names)
+        pixels, queries, (h, w) = self.embed(images, text)
 
         # Score-map path (Eq. 8-10): cosine similarities refined by the transport plan.
         sim = self.prompt_similarities(pixels, queries)  # (B, K, M, N)
         if self.matching == "sinkhorn":
             score = mps(sim, eps=self.eps, n_iters=self.n_iters, tol=self.tol,
-                        implicit_grad=self.implicit_grad)  # (B, K, M)
+                        implicit_grad=self.implicit_grad, sync_free=self.sync_free)  # (B, K, M)
         else:
             score = sim.sum(dim=-1)  # (B, K, M): the baseline, prompts summed without transport
 
@@ -161,6 +166,20 @@ class OTSeg(nn.Module):
 
         size = tuple(images.shape[-2:])
         return dict(decoder=upsample(decoder, (h, w), size), score=upsample(score, (h, w), size))
+
+    def forward(self, images: torch.Tensor, class_names: list[str]) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W), H and W multiples of the patch size; K class names.
+
+        Returns dict(decoder=D, score=S): logits (B, K, H, W) of the decoder (MPSA) and score-map (MPS)
+        paths, upsampled to the input size.
+        """
+        # Names -> embeddings is Python work (tokenizer, cache); `segment` is tensors only.
+        return self.segment(images, self.text_embeddings(class_names))
+
+    def encode(self, images: torch.Tensor,
+               class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Steps 1-3: pixel embeddings v (B, M, C), queries q0 (B, K, N, C) and the patch grid (h, w)."""
+        return self.embed(images, self.text_embeddings(class_names))
 
     # -------------------------------------------------------------------------- inference
 

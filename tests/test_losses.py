@@ -6,13 +6,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from conftest import assert_close
 from losses import count_masks, dice_loss, focal_loss, one_hot_targets, otseg_loss, sigmoid_focal_loss
-
-
-def assert_close(actual, expected, atol=1e-6, rtol=1e-5):
-    actual, expected = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
-    diff = (actual - expected).abs().max().item()
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"largest difference {diff:.3e}"
 
 
 def sigmoid(x):
@@ -24,8 +19,9 @@ def test_sigmoid_focal_matches_torchvision():
     logits = torch.randn(2, 3, 4, 5) * 3
     targets = (torch.rand(2, 3, 4, 5) > 0.5).float()
     expected = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2, reduction="none")
-    assert_close(sigmoid_focal_loss(logits, targets), expected)
-    assert_close(sigmoid_focal_loss(logits, targets.bool()), expected)  # bool targets are accepted
+    assert_close(sigmoid_focal_loss(logits, targets), expected, atol=1e-6, rtol=1e-5)
+    assert_close(sigmoid_focal_loss(logits, targets.bool()), expected, atol=1e-6, rtol=1e-5,
+                 what="bool targets are accepted")
 
 
 def test_focal_loss_reduction_matches_torchvision():
@@ -42,7 +38,7 @@ def test_focal_loss_reduction_matches_torchvision():
                     targets[b, labels[b, i, j], i, j] = 1
     per_element = torchvision.ops.sigmoid_focal_loss(logits, targets, reduction="none")
     expected = per_element.mean(dim=(2, 3)).sum() / 3.0  # mean over pixels, sum over B*K maps, / num_masks
-    assert_close(focal_loss(logits, labels, num_masks=3.0), expected)
+    assert_close(focal_loss(logits, labels, num_masks=3.0), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_ignored_pixels_are_negatives_for_every_class():
@@ -53,12 +49,12 @@ def test_ignored_pixels_are_negatives_for_every_class():
         p = sigmoid(x)
         return 0.75 * p ** 2 * -math.log(1 - p)
     expected = (fl_negative(0.5) + fl_negative(-1.0)) / 2 + (fl_negative(2.0) + fl_negative(0.0)) / 2
-    assert_close(focal_loss(logits, labels, num_masks=1.0), expected)
+    assert_close(focal_loss(logits, labels, num_masks=1.0), expected, atol=1e-6, rtol=1e-5)
     assert not one_hot_targets(labels, 2).any()
     # No class is present: no dice term, no mask counted; the normaliser is clamped to 1.
     assert count_masks(labels, 2).item() == 0
-    assert_close(dice_loss(logits, labels, num_masks=count_masks(labels, 2)), 0.0)
-    assert_close(focal_loss(logits, labels, num_masks=0.0), expected)
+    assert_close(dice_loss(logits, labels, num_masks=count_masks(labels, 2)), 0.0, atol=1e-6, rtol=1e-5)
+    assert_close(focal_loss(logits, labels, num_masks=0.0), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_dice_only_over_present_classes_by_hand():
@@ -68,8 +64,8 @@ def test_dice_only_over_present_classes_by_hand():
     p = [sigmoid(1.0), sigmoid(-2.0), sigmoid(0.5)]
     y = [1, 0, 1]
     expected = 1 - (2 * (p[0] + p[2]) + 1) / (sum(p) + sum(y) + 1)
-    assert_close(dice_loss(logits, labels, num_masks=1.0), expected)
-    assert_close(dice_loss(logits, labels, num_masks=2.0), expected / 2)
+    assert_close(dice_loss(logits, labels, num_masks=1.0), expected, atol=1e-6, rtol=1e-5)
+    assert_close(dice_loss(logits, labels, num_masks=2.0), expected / 2, atol=1e-6, rtol=1e-5)
 
 
 def test_count_masks():
@@ -109,7 +105,7 @@ def test_otseg_loss_weights_and_gradients():
         + expected["decoder_dice"] + expected["score_dice"]  # paper Eq. 18 with the release's weights 100, 1
     assert set(losses) == set(expected)
     for name in expected:
-        assert_close(losses[name].detach(), expected[name].detach())
+        assert_close(losses[name].detach(), expected[name].detach(), atol=1e-6, rtol=1e-5)
     losses["total"].backward()
     assert decoder.grad.abs().sum() > 0 and score.grad.abs().sum() > 0
 

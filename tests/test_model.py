@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clip import CLIP, TINY, VIT_B_16, tokenize
+from conftest import assert_close
 from losses import count_masks, otseg_loss
 from model import OTSeg, trainable_parameters
 from mpsa import MATCHINGS
@@ -15,11 +16,6 @@ PROMPTS = {"visual.prompt_embeddings", "visual.deep_prompt_embeddings", "visual.
            "visual.prompt_proj.bias", "visual.prompt_norm.weight", "visual.prompt_norm.bias"}
 TEMPLATES = ["a photo of a {}.", "a part of a {}."]
 CLASSES = ["cat", "dog", "sky"]
-
-
-def assert_close(actual, expected, atol=1e-5, rtol=1e-4):
-    diff = (actual - expected).abs().max().item()
-    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"largest difference {diff:.3e}"
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +83,10 @@ def test_score_map_against_cosines_and_pot(tiny_clip, use_global):
         pass_text_through(model, use_global)
     cos = cosines(models["sinkhorn", 2], x, CLASSES, use_global)  # (B, K, h, w, N)
     for matching in MATCHINGS:
-        assert_close(models[matching, 1](x, CLASSES)["score"], to_input_size(cos[..., 0], (48, 64)))
-    assert_close(models["softmax", 2](x, CLASSES)["score"], to_input_size(cos.sum(-1), (48, 64)))
+        assert_close(models[matching, 1](x, CLASSES)["score"], to_input_size(cos[..., 0], (48, 64)),
+                     atol=1e-5, rtol=1e-4, what=f"{matching}, one prompt: the cosine")
+    assert_close(models["softmax", 2](x, CLASSES)["score"], to_input_size(cos.sum(-1), (48, 64)),
+                 atol=1e-5, rtol=1e-4, what="softmax, two prompts: the sum of cosines")
     B, K, h, w, N = cos.shape
     sim = cos.flatten(2, 3).double()  # (B, K, M, N)
     expected = torch.empty(B, K, h * w, dtype=torch.float64)
@@ -99,20 +97,22 @@ def test_score_map_against_cosines_and_pot(tiny_clip, use_global):
                                method="sinkhorn_log", numItermax=100_000, stopThr=1e-15)
             expected[b, k] = (h * w * N * plan * sim[b, k]).sum(-1)
     score = models["sinkhorn", 2](x, CLASSES)["score"]
-    assert_close(score, to_input_size(expected.float().unflatten(-1, (h, w)), (48, 64)), atol=1e-4)
+    assert_close(score, to_input_size(expected.float().unflatten(-1, (h, w)), (48, 64)), atol=1e-4, rtol=1e-4,
+                 what="MPS score vs POT's plans")
     assert not torch.allclose(score, to_input_size(cos.sum(-1), (48, 64)), atol=1e-3)  # MPS is not the sum
 
 
 def test_ensemble_identities():
     torch.manual_seed(0)
     decoder, score = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
-    assert_close(OTSeg.ensemble(decoder, score, lam=1.0), torch.sigmoid(decoder))
-    assert_close(OTSeg.ensemble(decoder, score, lam=0.0), torch.sigmoid(score))
-    assert_close(OTSeg.ensemble(decoder, score), torch.sigmoid((decoder + score) / 2))
+    assert_close(OTSeg.ensemble(decoder, score, lam=1.0), torch.sigmoid(decoder), atol=1e-5, rtol=1e-4)
+    assert_close(OTSeg.ensemble(decoder, score, lam=0.0), torch.sigmoid(score), atol=1e-5, rtol=1e-4)
+    assert_close(OTSeg.ensemble(decoder, score), torch.sigmoid((decoder + score) / 2), atol=1e-5, rtol=1e-4)
     seen = torch.tensor([True, False, True])
     calibrated = OTSeg.ensemble(decoder, score, seen=seen)
     plain = OTSeg.ensemble(decoder, score)
-    assert_close(plain - calibrated, torch.tensor([0.1, 0.0, 0.1]).view(1, 3, 1, 1).expand_as(plain))
+    assert_close(plain - calibrated, torch.tensor([0.1, 0.0, 0.1]).view(1, 3, 1, 1).expand_as(plain),
+                 atol=1e-5, rtol=1e-4, what="calibration of the seen classes")
 
 
 def test_text_embeddings_order_normalisation_and_no_graph(tiny_clip):
@@ -120,10 +120,10 @@ def test_text_embeddings_order_normalisation_and_no_graph(tiny_clip):
     text = model.text_embeddings(CLASSES)  # called with gradients enabled
     assert text.shape == (3, 2, 64)
     assert not text.requires_grad and text.grad_fn is None
-    assert_close(text.norm(dim=-1), torch.ones(3, 2))
+    assert_close(text.norm(dim=-1), torch.ones(3, 2), atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         expected = F.normalize(tiny_clip.encode_text(tokenize("a part of a sky.")), dim=-1)[0]
-    assert_close(text[2, 1], expected)  # class-major: [k, n] = template n filled with name k
+    assert_close(text[2, 1], expected, atol=1e-5, rtol=1e-4)  # class-major: [k, n] = template n, name k
 
 
 def test_text_embeddings_cached_in_memory(tiny_clip, monkeypatch):
@@ -136,7 +136,8 @@ def test_text_embeddings_cached_in_memory(tiny_clip, monkeypatch):
     monkeypatch.setattr(tiny_clip, "encode_text", refuse)
     assert torch.equal(model.text_embeddings(CLASSES), first)
     monkeypatch.undo()
-    assert_close(model.text_embeddings(CLASSES[:2]), first[:2])  # other names: another entry, same rows
+    # other names: another entry, the same rows
+    assert_close(model.text_embeddings(CLASSES[:2]), first[:2], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("matching", MATCHINGS)

@@ -88,7 +88,8 @@ def test_only_the_sync_free_loop_is_one_graph(solver):
     assert (free.graph_count, free.graph_break_count) == (1, 0), [str(b.reason) for b in free.break_reasons]
     torch._dynamo.reset()
     compiled = torch.compile(solver, fullgraph=True, backend="eager")(cost, 0.05, n_iters=20, sync_free=True)
-    assert_close(compiled, solver(cost, 0.05, n_iters=20), what=f"compiled sync-free {solver.__name__} vs eager")
+    assert_close(compiled, solver(cost, 0.05, n_iters=20), 
+                 what=f"compiled sync-free {solver.__name__} vs eager")
 
 
 @pytest.mark.parametrize("implicit_grad", [False, True])
@@ -99,12 +100,14 @@ def test_sync_free_sinkhorn_backward_compiles_with_the_forward(implicit_grad):
     weights = torch.randn(3, 20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def loss(c):
-        return (sinkhorn_log(c, 0.05, n_iters=20, implicit_grad=implicit_grad, sync_free=True) * weights).sum()
+        plan = sinkhorn_log(c, 0.05, n_iters=20, implicit_grad=implicit_grad, sync_free=True)  # (3, M, N)
+        return (plan * weights).sum()
 
     torch._dynamo.reset()
     grad_compiled, = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(cost), cost)
     grad_eager, = torch.autograd.grad(loss(cost), cost)
-    assert_close(grad_compiled, grad_eager, rtol=1e-12, what=f"compiled vs eager gradient (implicit_grad={implicit_grad})")
+    assert_close(grad_compiled, grad_eager, rtol=1e-12,
+                 what=f"compiled vs eager gradient (implicit_grad={implicit_grad})")
 
 
 def test_otseg_forward_is_one_graph(tiny_model):

@@ -152,7 +152,8 @@ def test_defaults_agree_with_release_rule(seed, sync_free):
 
 
 @pytest.mark.parametrize("solver", [sinkhorn_naive, sinkhorn_log])
-@pytest.mark.parametrize("n_iters, tol, stops_early", [(100, 1e-6, True), (23, 0.0, False), (12, 1e-9, False)])
+@pytest.mark.parametrize("n_iters, tol, stops_early",
+                         [(100, 1e-6, True), (23, 0.0, False), (12, 1e-9, False)])
 def test_sync_free_freezes_where_the_eager_loop_breaks(solver, n_iters, tol, stops_early):
     """The identity the sync-free form rests on: keeping the potentials from the block where the test
     holds is breaking there. Same plan bit for bit and the same count, whether the eager loop stops
@@ -176,7 +177,8 @@ def test_sync_free_gradients_equal_the_eager_ones(implicit_grad):
                                    sync_free=sync_free)
         assert int(iters) < 100
         grads.append(torch.autograd.grad((plan * weights).sum(), sim)[0])
-    assert_close(grads[1], grads[0], rtol=1e-13, what=f"sync-free vs eager gradient (implicit_grad={implicit_grad})")
+    assert_close(grads[1], grads[0], rtol=1e-13,
+                 what=f"sync-free vs eager gradient (implicit_grad={implicit_grad})")
 
 
 @pytest.mark.parametrize("n", [1, 4])

@@ -9,17 +9,20 @@ The paper names the losses; the numbers come from the conventions of the authors
   is a negative for every class (background, padding and, when inductive, unseen pixels alike);
 - focal (alpha 0.25, gamma 2) over all K channels and all pixels: mean over pixels, summed over the
   B*K maps, divided by num_masks;
-- dice only over the (image, class) pairs present in the label map, summed, divided by num_masks;
-- num_masks = number of (image, present class) pairs in the *global* batch.
+- dice only over the (image, class) pairs present in the label map, summed, divided by num_masks.
 
-num_masks across processes and micro-batches (the release's `models/losses/criterion.py`, DETR's
-convention): each process all-reduces its count, divides it by the world size P, clamps it to at least
-1 and divides its own loss by it; DDP then averages the gradients over the P processes. The gradient
-is therefore grad(sum of the losses over the global batch) / max(global count, P). `train.py` computes
-exactly that directly: it calls `otseg_loss` with num_masks = 1 (sums), sums the gradients over its
-micro-batches and the processes, and divides them once by max(global count, P), so the result does not
-depend on how the batch is split. With a single process and batch it is
-`otseg_loss(outputs, labels, count_masks(labels, K).clamp(min=1))`.
+The normaliser num_masks is the number of (image, present class) pairs in the *global* batch. In the
+release (its `models/losses/criterion.py`, DETR's convention) each of the P processes all-reduces its
+count, divides it by P, clamps it to at least 1 and divides its own losses by that; DDP then averages
+the gradients over the P processes. A step's gradient is therefore
+
+    grad(sum over the global batch of the weighted focal and dice terms) / max(global count, P).
+
+`train.py` (`train_step`) computes exactly this, for any number of micro-batches: it calls
+`otseg_loss` with num_masks = 1.0 (plain sums), sums the gradients over its micro-batches and,
+all-reduced, over the processes, together with the counts (`count_masks`), and divides them once by
+max(global count, P); the losses it logs are divided the same way. With one process and one batch
+that is `otseg_loss(outputs, labels, count_masks(labels, K).clamp(min=1))`.
 
 Notation: B batch, K classes, H x W pixels of the label map. Run `python losses.py` for a demo.
 """

@@ -116,3 +116,20 @@ def test_perfect_prediction_has_near_zero_loss():
     losses = otseg_loss(dict(decoder=logits, score=logits), labels, count_masks(labels, 2))
     # dice keeps its +1 smoothing: 1 - (2*|y| + 1)/(2*|y| + 1) = 0 up to sigmoid(20) != 1
     assert losses["total"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_micro_batch_sums_divided_once_equal_the_whole_batch():
+    """train.py's way (losses.py's docstring): otseg_loss with num_masks = 1 on each micro-batch, summed,
+    then divided once by the global pair count, is the whole batch's loss with num_masks = that count
+    (it holds because every term is a sum over maps, never a mean over the batch)."""
+    torch.manual_seed(3)
+    B, K, H, W = 4, 3, 4, 5
+    labels = torch.randint(0, K, (B, H, W))
+    labels[2] = 255  # an image with no pair at all
+    outputs = dict(decoder=torch.randn(B, K, H, W), score=torch.randn(B, K, H, W))
+    count = count_masks(labels, K)
+    whole = otseg_loss(outputs, labels, count)["total"]
+    micro = sum(otseg_loss({k: v[i:i + 2] for k, v in outputs.items()}, labels[i:i + 2], 1.0)["total"]
+                for i in (0, 2))
+    assert count.item() > 2
+    assert_close(micro / count, whole, rtol=1e-6, what="micro-batch sums / global count vs the whole batch")

@@ -16,6 +16,10 @@ lists them). One forward pass, with K class names and N prompt templates:
  7. Inference (Eq. 17): P = sigmoid(lambda D + (1 - lambda) S); lambda = 1 is OTSeg, 0.5 is OTSeg+.
     Inductive models subtract 0.1 from the seen classes' probabilities (the release's `decode_seg.py`).
 
+In the code, `forward` does step 1 in Python (the tokenizer, the cache) and hands the embeddings to
+`segment`, steps 2-6 as tensor code only: the part `train.py --compile` gives to torch.compile, which
+with `sync_free=True` (sinkhorn.py) captures it forward and backward as one graph.
+
 Class names are an argument of `forward`, not of the constructor: one trained model segments any list
 of names (open vocabulary). What trains: CLIP's prompt parameters (VPT) and the head (relationship
 descriptor + decoder); every other CLIP weight is frozen. With ViT-B/16 that is 8,039,168 parameters

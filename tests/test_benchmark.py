@@ -14,7 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tools import benchmark
 import checkpoint
+import clip
 import data
+import sinkhorn
 from model import OTSeg, trainable_parameters
 from mpsa import MPSADecoder
 
@@ -122,7 +124,6 @@ def test_count_host_syncs_counts_bool_and_item_and_puts_the_methods_back():
     assert torch.Tensor.__bool__ is original_bool and torch.Tensor.item is original_item
 
 
-
 def test_host_syncs_are_counted_by_the_line_that_asks_and_cpu_work_is_not():
     x = torch.arange(10.0)
     with benchmark.HostSyncs() as syncs:
@@ -146,3 +147,36 @@ def test_a_training_step_and_an_evaluated_image_wait_for_the_device_only_in_sink
     where = [row[0] for row in table.rows[:-1]]
     assert all(w.startswith("sinkhorn.py:") for w in where), table.rows
     assert table.rows[-1][0] == "total" and table.rows[-1][3] <= 4 * 19  # 4 solves of at most 19 tests
+
+
+def test_kernel_launches_count_the_operators_that_do_work_and_not_views_or_allocations():
+    """By hand: a linear layer is one addmm, a layer norm one kernel, views and empty tensors none."""
+    x, w, b = torch.randn(4, 8), torch.randn(3, 8), torch.randn(3)
+    with benchmark.KernelLaunches() as launches:
+        y = torch.nn.functional.linear(x, w, b)        # addmm (w.t() is a view)
+        y = y.view(2, 6).transpose(0, 1).unsqueeze(0)  # views: nothing
+        torch.empty(5)                                 # an allocation: nothing
+        torch.nn.functional.layer_norm(x, (8,))        # native_layer_norm
+        x.add_(1)                                      # in place: one kernel
+    assert launches.n == 3, launches.n
+
+
+def test_run_every_iteration_makes_sinkhorn_run_all_of_its_iterations():
+    cost = 1 - benchmark.similarity_problems(4, 32, 3)
+    _, stopped = sinkhorn.sinkhorn_log(cost, 0.05, return_iters=True)
+    with benchmark.KernelLaunches(run_every_iteration=True):
+        _, iterations = sinkhorn.sinkhorn_log(cost, 0.05, n_iters=40, return_iters=True)
+    assert stopped < 40 and int(iterations) == 40, (stopped, iterations)
+
+
+def test_the_kernels_table_puts_otseg_beside_softmax_and_the_tower():
+    """Tiny CLIP: the rows' ratios are their counts over the softmax model's, Sinkhorn's 100 iterations
+    cost more launches than its first test, and OTSeg+ contains the tower (more kernels per window)."""
+    table = benchmark.bench_kernels(CPU, quick=True, sizes=clip.TINY, size=32)
+    rows = {(row[0], row[1]): row for row in table.rows}
+    softmax = rows["softmax matching", "-"]
+    for row in table.rows:
+        assert row[3] == pytest.approx(row[2] / softmax[2]) and row[5] == pytest.approx(row[4] / softmax[4]), row
+    assert rows["OTSeg+ (Sinkhorn)", "100 iterations"][2] > rows["OTSeg+ (Sinkhorn)", "first test"][2] > softmax[2]
+    assert rows["bare image tower", "-"][4] < softmax[4]
+    assert "Goal: OTSeg+'s eager step within 1.5x" in table.note

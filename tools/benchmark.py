@@ -26,8 +26,14 @@ measured on the same machine at the same time:
 6. `syncs`: the host synchronisations of one training step and of one evaluated image, by source
    line: the operators that make the CPU wait for a GPU (`.item()`, `bool()`, `nonzero`, boolean-mask
    indexing, `bincount`, device-to-host copies), counted on any device.
+7. `kernels`: the CUDA kernels that one training step and one inference window would launch in eager
+   mode, for OTSeg+, the softmax matching and the bare image tower, counted on any device as the
+   operators that do work (views and allocations launch nothing); Sinkhorn at its first convergence
+   test and at all of its 100 iterations, and in its sync-free form. On a GPU each launch costs a
+   few microseconds of CPU time whatever its size, so this count, not the FLOPs, bounds a small step.
 
     python -m tools.benchmark --only syncs        # host synchronisations per step and per image
+    python -m tools.benchmark --only kernels      # CUDA kernels per step and per window, eager
     python -m tools.benchmark                     # everything (CPU: several minutes)
     python -m tools.benchmark --only sinkhorn     # one table
     python -m tools.benchmark --quick             # smaller, for a first look
@@ -400,13 +406,14 @@ def bench_inference(device: torch.device, quick: bool) -> Table:
 # ----------------------------------------------------------------------------------------------
 
 def training_step(model: OTSeg, classes: list[str], batch: int, size: int, device: torch.device,
-                  precision: torch.dtype | None = None, seed: int = 0):
+                  precision: torch.dtype | None = None, seed: int = 0, foreach: bool | None = None):
     """A closure running one optimisation step of `model` on random images and labels, as train.py's
     (forward under autocast, focal + dice on both outputs, backward, AdamW). It returns the bytes
     autograd kept for the backward pass. The random inputs are drawn on `device`: on a CPU, a batch
-    of 512x512 images and labels takes seconds to draw and copy, on the GPU next to nothing."""
+    of 512x512 images and labels takes seconds to draw and copy, on the GPU next to nothing.
+    foreach: AdamW's multi-tensor form (None: PyTorch's choice, which is it on CUDA only)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, foreach=foreach)
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=g, device=device)
@@ -687,6 +694,116 @@ def bench_syncs(device: torch.device, quick: bool) -> Table:
 
 
 # ----------------------------------------------------------------------------------------------
+# 7. CUDA kernels per training step and per inference window, eager
+# ----------------------------------------------------------------------------------------------
+
+# Operators that only make a tensor's metadata or memory (no kernel on any device); views are found
+# from their schema (an output aliasing an input, not written). `_local_scalar_dense` (`.item()`,
+# `bool()`) is a copy to the host: counted by the syncs table, not here. `prim.device` is a query.
+NO_KERNEL = {torch.ops.prim.device.default, aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
+             aten.new_empty.default, aten.new_empty_strided.default, aten._unsafe_view.default,
+             aten.lift_fresh.default, aten.scalar_tensor.default, aten._local_scalar_dense.default,
+             aten.resize_.default, aten.set_.source_Storage, aten.is_same_size.default}
+
+
+def is_view(func) -> bool:
+    """An operator whose output aliases an input without writing to it: a view, no kernel."""
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+class KernelLaunches(TorchDispatchMode):
+    """Counts the operators that would each launch a CUDA kernel: every one that reaches the dispatcher
+    below autograd, but views and allocations. A lower bound of the launches on a GPU (a multi-tensor
+    `_foreach_*` operator or a cuDNN call may launch several) and an estimate: the CPU dispatches a few
+    operators differently (attention, autocast's casts).
+
+    run_every_iteration: every `bool()` of a tensor reads False, so that Sinkhorn's convergence test
+    never stops it and it runs all of its iterations (a model trained on real data converges after tens
+    of them; the random one here at the first test). Sinkhorn's test is the only value a step reads on
+    the host (the syncs table), so nothing else changes path."""
+
+    def __init__(self, run_every_iteration: bool = False):
+        super().__init__()
+        self.run_every_iteration = run_every_iteration
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (self.run_every_iteration and func is aten._local_scalar_dense.default
+                and args[0].dtype == torch.bool):
+            return False
+        if func not in NO_KERNEL and not is_view(func):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernels(fn, run_every_iteration: bool = False) -> int:
+    """Kernels that fn() would launch (KernelLaunches), after one call outside the count (caches,
+    optimizer state)."""
+    fn()
+    with KernelLaunches(run_every_iteration) as launches:
+        fn()
+    return launches.n
+
+
+KERNEL_GOAL = 1.5   # OTSeg+'s eager training step within 1.5x the softmax model's kernels
+
+
+def bench_kernels(device: torch.device, quick: bool, sizes: dict = VIT_B_16, size: int = 64) -> Table:
+    """Kernels per training step (one micro-batch: forward, both losses, backward, AdamW in its
+    multi-tensor form as on CUDA) and per inference window (one forward pass without gradients) at
+    ViT-B/16's sizes and VOC's setting (15 training classes, 20 at inference, 6 prompts, 10 prompt
+    tokens). The count does not depend on the image size or the batch, so a 64x64 image of batch 1
+    stands for a 512x512 crop of micro-batch 4. In fp32: bf16 autocast adds its casts on CUDA."""
+    templates = data.TEMPLATES["N6"]
+    train_classes, classes = list(data.VOC_CLASSES[:15]), list(data.VOC_CLASSES)
+    otseg = build_otseg("sinkhorn", size, 10, templates, device, sizes=sizes)
+    models = {  # name: (model, [(how Sinkhorn runs, run_every_iteration)])
+        "OTSeg+ (Sinkhorn)": (otseg, [("first test", False), ("100 iterations", True)]),
+        "OTSeg+ (Sinkhorn, sync-free)": (OTSeg(otseg.clip, templates, sync_free=True).to(device),
+                                         [("100 iterations", False)]),
+        "softmax matching": (OTSeg(otseg.clip, templates, matching="softmax").to(device), [("-", False)])}
+    images = torch.randn(1, 3, size, size, device=device)
+    tower = bare_tower(otseg.clip).to(device)
+    table = Table(f"CUDA kernels, eager: ViT-B/16 + 10 prompt tokens, VOC (15 classes training, 20 inference, "
+                  f"6 prompts), fp32", ["model", "Sinkhorn runs", "per step", "x softmax", "per window",
+                                        "x softmax"], ["{}", "{}", "{}", "{:.2f}", "{}", "{:.2f}"])
+    counts = {}
+    for name, (model, runs) in models.items():
+        one_step = training_step(model, train_classes, 1, size, device, foreach=True)
+
+        def step(model=model, one_step=one_step):
+            model.train()
+            one_step()
+
+        def window(model=model):
+            with torch.no_grad():
+                model.eval()(images, classes)
+        for label, every in runs:
+            counts[name, label] = (count_kernels(step, every), count_kernels(window, every))
+
+    def tower_step():
+        tower_images = images.clone().requires_grad_(True)  # the gradient OTSeg's prompts need crosses
+        tower.encode_dense(tower_images)[1].sum().backward()   # every layer of the frozen tower
+
+    def tower_window():
+        with torch.no_grad():
+            tower.encode_dense(images)
+    counts["bare image tower", "-"] = (count_kernels(tower_step), count_kernels(tower_window))
+    softmax_step, softmax_window = counts["softmax matching", "-"]
+    for (name, label), (per_step, per_window) in counts.items():
+        table.rows.append([name, label, per_step, per_step / softmax_step, per_window, per_window / softmax_window])
+    verdicts = [f"{name} at {label} {counts[name, label][0] / softmax_step:.2f}x "
+                f"({'met' if counts[name, label][0] / softmax_step <= KERNEL_GOAL else 'NOT met'})"
+                for name, label in counts if name.startswith("OTSeg+")]
+    table.note = (f"Goal: OTSeg+'s eager step within {KERNEL_GOAL:g}x the softmax model's kernels: "
+                  + "; ".join(verdicts) + ". Counted as the operators that do work (KernelLaunches): views "
+                  "and allocations launch nothing, a multi-tensor or cuDNN operator counts once. The "
+                  "sync-free Sinkhorn always runs its 100 iterations. The tower's step: its forward and the "
+                  "backward to its input, which OTSeg's prompt gradients cross (it has no weights to train).")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
@@ -697,6 +814,7 @@ BENCHMARKS = {
     "training": bench_training,
     "table3": bench_table3,
     "syncs": bench_syncs,
+    "kernels": bench_kernels,
 }
 
 

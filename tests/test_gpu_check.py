@@ -212,3 +212,17 @@ def test_the_distributed_stage_with_gloo_on_the_cpu(tmp_path):
     out = {}
     gpu_check.stage_distributed(run, out)
     assert out["processes"] == 2 and out["confusion_max_difference"] == 0, out
+
+
+def test_the_inference_modes_table_gives_each_model_its_time_over_the_softmax_matchings():
+    """Eager on the CPU (the compiled modes are CUDA's): one row per model and mode it runs in, the
+    softmax matching the baseline of its mode, and the rows appended to the stage's tables at once."""
+    otseg = benchmark.build_otseg("sinkhorn", 32, 2, data.TEMPLATES["N6"][:2], "cpu", sizes=clip.TINY)
+    models = {"softmax matching": (OTSeg(otseg.clip, otseg.templates, matching="softmax"), ["eager"]),
+              "OTSeg+": (otseg, ["eager"]), "OTSeg+, sync-free": (otseg, ["torch.compile"])}
+    tables = []
+    table = gpu_check.inference_modes(models, torch.randn(1, 3, 32, 32), ["cat", "dog"], ["eager"], 2, tables)
+    assert tables == [table]
+    assert [(r[0], r[1]) for r in table.rows] == [("softmax matching", "eager"), ("OTSeg+", "eager")]
+    softmax, ours = table.rows
+    assert softmax[3] == 1.0 and ours[3] == pytest.approx(softmax[2] / ours[2]), table.rows

@@ -17,8 +17,10 @@ machine with CUDA GPUs, without any download, proves the real programs and measu
     table3       the paper's Table 3 (tools/benchmark.py): parameters, GFLOPs, images/s at batch 1 for OTSeg,
                  OTSeg+ and the softmax baseline; at batch 32 in bf16 OTSeg+ against the bare image tower
     sinkhorn     tools/benchmark.py's Sinkhorn table on the device: ours against POT's solvers
-    compile      torch.compile's first (cold) compile and the compiled Sinkhorn block against eager; it
-                 says first when the C compiler or Python headers that Triton needs are missing
+    compile      torch.compile's first (cold) compile and the compiled Sinkhorn block against eager, then
+                 OTSeg+ and the softmax matching at batch 1 eager, compiled and as CUDA graphs (the
+                 sync-free Sinkhorn); it says first when the C compiler or Python headers that Triton
+                 needs are missing
     mfu          training model FLOPs per step / (time per step x the card's bf16 peak): train.py's
                  eager step at micro-batch 4 (bound by kernel launches), and at the largest micro-batch
                  of the capacity stage, eager and compiled
@@ -60,9 +62,11 @@ import torch
 from tools import benchmark
 import clip
 import data
+import common
 from common import atomic_save
 from tools import datasets
 import evaluate
+from model import OTSeg
 from tools.benchmark import Table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project root, above tools/
@@ -131,8 +135,8 @@ class Sizes:
 FULL = Sizes(clip=dict(benchmark.VIT_B_16, image_resolution=224), crop=512, image=(375, 500),
              train_images=16, val_images=4, steps=30, log_every=5, class_steps=6, workers=6, repeats=10,
              big_batch=32, sinkhorn=benchmark.SINKHORN_SIZES,
-             budgets=dict(tests=40, data=15, train=105, classes=65, capacity=30, evaluate=25,
-                          table3=35, sinkhorn=25, compile=30, mfu=55, distributed=45),
+             budgets=dict(tests=35, data=15, train=105, classes=60, capacity=30, evaluate=25,
+                          table3=30, sinkhorn=20, compile=50, mfu=55, distributed=45),
              total=470)  # seconds, the budgets' sum: 8 minutes with the start of this script
 QUICK = Sizes(clip=dict(clip.TINY), crop=64, image=(96, 128), train_images=4, val_images=2, steps=8,
               log_every=1, class_steps=2, workers=0, repeats=2, big_batch=32,
@@ -549,8 +553,54 @@ def c_compiler() -> str | None:
     return None
 
 
+INFERENCE_MODES = ["eager", "torch.compile", "CUDA graphs"]
+
+
+def inference_modes(models: dict, images: torch.Tensor, class_names: list[str], modes: list[str],
+                    repeats: int, tables: list) -> Table:
+    """Images per second of each model's forward pass (`OTSeg.segment` from cached text embeddings, no
+    gradients, bf16 autocast on CUDA) run eager, compiled (torch.compile) and as CUDA graphs
+    (torch.compile's "reduce-overhead" mode, which replays the whole pass as one launch; it needs a
+    pass with no host sync, so the sync-free Sinkhorn). One row at a time, appended to `tables` first,
+    so that a stage out of time keeps the rows it measured. models: name -> (model, the modes it runs
+    in), the softmax matching first: it is each mode's baseline of the ratio column."""
+    device = images.device
+    table = Table(f"Inference, batch {images.shape[0]}, {images.shape[-1]}x{images.shape[-1]}, "
+                  f"{len(class_names)} classes ({benchmark.machine(device)}{', bf16' if device.type == 'cuda' else ''})",
+                  ["model", "mode", "images/s", "x softmax time", "compile s"],
+                  ["{}", "{}", "{:.1f}", "{:.3f}", "{:.1f}"],
+                  note="x softmax time: seconds per image over the softmax matching's in the same mode.")
+    tables.append(table)
+    compile_options = {"eager": None, "torch.compile": {}, "CUDA graphs": {"mode": "reduce-overhead"}}
+    baseline: dict[str, float] = {}
+    for mode in modes:
+        for name, (model, runs_in) in models.items():
+            if mode not in runs_in:
+                continue
+            model.eval()
+            text = model.text_embeddings(class_names)
+            options = compile_options[mode]
+            forward = model.segment if options is None else torch.compile(model.segment, **options)
+
+            def run(forward=forward):
+                with torch.no_grad(), common.autocast(device, True):
+                    forward(images, text)
+            start = time.perf_counter()
+            run()  # the compile, if any
+            benchmark.sync(device)
+            compile_seconds = None if options is None else time.perf_counter() - start
+            seconds = benchmark.time_it(run, device, repeats=repeats)
+            if model.matching == "softmax":
+                baseline[mode] = seconds
+            table.rows.append([name, mode, images.shape[0] / seconds,
+                               seconds / baseline[mode] if mode in baseline else None, compile_seconds])
+    return table
+
+
 def stage_compile(run: Run, out: dict) -> None:
-    """torch.compile on the device: the Sinkhorn block compiled against eager, and the cold compile's time.
+    """torch.compile on the device: the Sinkhorn block compiled against eager and the cold compile's time;
+    then OTSeg+ and the softmax matching at batch 1, eager, compiled and as CUDA graphs (Table 3's
+    images per second, without the launch overhead of eager mode).
 
     The first compile on a fresh machine takes tens of seconds (inductor generates and Triton builds
     the kernels), and Triton builds its launchers with a C compiler and Python's headers at run time;
@@ -569,16 +619,26 @@ def stage_compile(run: Run, out: dict) -> None:
                     f"the Python development package (e.g. apt-get install python{sys.version_info[0]}."
                     f"{sys.version_info[1]}-dev), then rerun")
     out["tables"] = [benchmark.bench_compile(run.device, run.args.quick)]
+    s, device = run.sizes, run.device
+    otseg = benchmark.build_otseg("sinkhorn", s.crop, 10, data.TEMPLATES["N6"], device, sizes=s.clip)
+    templates = otseg.templates
+    with torch.device(device):
+        models = {"softmax matching": (OTSeg(otseg.clip, templates, matching="softmax"), INFERENCE_MODES),
+                  "OTSeg+": (otseg, ["eager"]),  # its convergence test breaks the graph and syncs
+                  "OTSeg+, sync-free": (OTSeg(otseg.clip, templates, sync_free=True), INFERENCE_MODES)}
+    images = torch.randn(1, 3, s.crop, s.crop, device=device)
+    inference_modes(models, images, list(data.VOC_CLASSES), INFERENCE_MODES, s.repeats, out["tables"])
 
 
 def stage_mfu(run: Run, out: dict) -> None:
     """Model FLOPs of a VOC training step over its time and the card's bf16 peak, three ways.
 
     train.py's step at micro-batch 4 in eager mode is bound by kernel launches, not by its FLOPs: some
-    8,000 CUDA kernels (about 28,000 while Sinkhorn runs all its iterations) for 2 TFLOP, so a few
-    microseconds per launch already cost more than the tensor cores need. It is reported as that.
-    MFU means something at the largest micro-batch the capacity stage found (4 without it), eager
-    and compiled (train.py --compile), measured here in this process with the same step."""
+    1,800 CUDA kernels in bf16 (about 10,000 while Sinkhorn runs all its iterations; `python -m
+    tools.benchmark --only kernels`) for 2 TFLOP, which the tensor cores need under 6 ms for, so a few
+    microseconds per launch cost as much or more. It is reported as that. MFU means something at the
+    largest micro-batch the capacity stage found (4 without it), eager and compiled as train.py
+    --compile compiles (the whole model, with the sync-free Sinkhorn), measured here in this process."""
     name = "bf16" if "bf16" in run.runs else "fp32"
     if name not in run.runs:
         raise Check("needs a run of the train stage")
@@ -616,7 +676,10 @@ def stage_mfu(run: Run, out: dict) -> None:
         del step
         if run.cuda:  # compiled as train.py --compile compiles: the whole model
             torch.cuda.empty_cache()
-            compiled = benchmark.training_step(torch.compile(model), classes, batch, s.crop, device, precision)
+            with torch.device(device):  # as train.py --compile: the sync-free model's tensor program compiled
+                sync_free = OTSeg(model.clip, model.templates, sync_free=True).train()
+            sync_free.segment = torch.compile(sync_free.segment)
+            compiled = benchmark.training_step(sync_free, classes, batch, s.crop, device, precision)
             start = time.perf_counter()
             compiled()
             benchmark.sync(device)
@@ -708,8 +771,12 @@ def headline(name: str, result: dict) -> str:
     if name == "compile":
         rows = {r[0]: r for r in result["tables"][0].rows}
         compiled = rows.get("torch.compile")
-        return "" if compiled is None else (f"Sinkhorn block {compiled[2]:.2f}x eager, first compile "
-                                            f"{compiled[3]:.0f} s")
+        parts = [] if compiled is None else [f"Sinkhorn block {compiled[2]:.2f}x eager, first compile "
+                                             f"{compiled[3]:.0f} s"]
+        for r in (result["tables"][1].rows if len(result["tables"]) > 1 else []):
+            if r[0].startswith("OTSeg+") and r[3] is not None:
+                parts.append(f"{r[0]} {r[1]} {r[2]:.1f} images/s ({r[3]:.2f}x softmax time)")
+        return "; ".join(parts)
     if name == "tests":
         return result["summary"] or ""
     if "table" in result:

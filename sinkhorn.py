@@ -62,10 +62,11 @@ host; on a GPU that read is a synchronisation (the CPU waits for the GPU, then t
 the CPU's next launches), and under torch.compile it ends the graph. The sync-free form runs every
 block of iterations, evaluates the same test on the device, and from the block where it holds keeps
 the potentials unchanged with torch.where: the plan, the iteration count and both gradients are
-the eager loop's, exactly. The price is arithmetic: every call computes all `n_iters` iterations
-(the ones after convergence are discarded), and the unrolled gradient keeps them all for the
-backward pass. Use it where launches and syncs cost more than that: under torch.compile or CUDA
-graphs on a GPU (`train.py --compile`). The eager loop stays the default, to read and to debug.
+the eager loop's, exactly. The price: every call computes all `n_iters` iterations (the ones
+after convergence are discarded), the unrolled gradient keeps them all for the backward pass, and
+torch.compile unrolls them all into its graph (compiling takes minutes). Use it where launches and
+syncs cost more than that: under torch.compile or CUDA graphs on a GPU (`train.py --compile`). The
+eager loop stays the default, to read and to debug.
 
 Run `python sinkhorn.py` for a side-by-side demonstration (a few seconds on a CPU).
 """

@@ -168,7 +168,7 @@ def test_sync_free_freezes_where_the_eager_loop_breaks(solver, n_iters, tol, sto
 
 @pytest.mark.parametrize("implicit_grad", [False, True])
 def test_sync_free_gradients_equal_the_eager_ones(implicit_grad):
-    # A problem that stops early (at 15 of 100): the frozen blocks after it must add nothing.
+    # A problem that stops early (at 45 of 100): the frozen blocks after it must add nothing.
     sim = otseg_like_sim(3, 40, 5, seed=1).double().requires_grad_()
     weights = torch.randn(3, 40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     grads = []

@@ -18,12 +18,8 @@ Without downloads (a small random CLIP, generated data; what the tests run):
     python train.py --dataset voc --data-root /tmp/fake --clip-weights random-tiny --crop-size 64 \
         --iters 20 --batch-size 4 --warmup-iters 0 --device cpu
 
-The loss is normalised over the whole global batch (paper Sec. 4.3; the release's
-`models/losses/criterion.py`): every process back-propagates the sums of its focal and dice terms,
-gradients are summed over micro-steps and processes, then divided once by the number of
-(image, present class) pairs of the global batch. So gradient accumulation changes nothing but
-memory, and the result is the release's (which divides by count / world size per process and
-averages gradients over processes; docs/release.md, "Gradient normalisation across processes").
+The loss is normalised over the whole global batch as losses.py's docstring says (paper Eq. 18; the
+release's `models/losses/criterion.py`), so gradient accumulation changes nothing but memory.
 
 Randomness. The data order is a pure function of (seed, step) (GlobalBatchSampler), and each
 sample's augmentation is seeded by its position in that order (SeededSamples): neither depends on

@@ -92,6 +92,23 @@ def test_attention_against_pot_plans():
     assert_close(out, expected_out, rtol=1e-11, what="output vs POT's plan applied to the values")
 
 
+def torch_layer_holding(layer, heads: int, ffn_dim: int, dtype=torch.float32) -> torch.nn.TransformerDecoderLayer:
+    """torch's nn.TransformerDecoderLayer (post-norm, eval) holding our layer's cross-attention
+    projections, FFN and norms 2-3; its own self-attention and norm1 keep their initial weights."""
+    dim = layer.norm2.normalized_shape[0]
+    reference = torch.nn.TransformerDecoderLayer(dim, heads, dim_feedforward=ffn_dim, batch_first=True,
+                                                 dtype=dtype).eval()
+    attn = layer.cross_attn
+    with torch.no_grad():
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        reference.multihead_attn.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
+        reference.multihead_attn.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
+        reference.multihead_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
+        for name in ("linear1", "linear2", "norm2", "norm3"):
+            getattr(reference, name).load_state_dict(getattr(layer, name).state_dict())
+    return reference
+
+
 def test_decoder_against_torch_layers_and_pot():
     """D end to end against an independent composition: torch's nn.TransformerDecoderLayer holding our
     weights (its cross-attention's in_proj and out_proj, linear1, activation, linear2, norm2, norm3),
@@ -108,16 +125,7 @@ def test_decoder_against_torch_layers_and_pot():
 
     expected_masks, x = [], queries
     for layer in decoder.layers[:-1]:
-        reference = torch.nn.TransformerDecoderLayer(C, 1, dim_feedforward=FFN, batch_first=True,
-                                                     dtype=torch.float64).eval()
-        attn = layer.cross_attn
-        with torch.no_grad():
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-            reference.multihead_attn.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
-            reference.multihead_attn.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
-            reference.multihead_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
-            for name in ("linear1", "linear2", "norm2", "norm3"):
-                getattr(reference, name).load_state_dict(getattr(layer, name).state_dict())
+        reference = torch_layer_holding(layer, heads=1, ffn_dim=FFN, dtype=torch.float64)
         w_q, w_k, w_v = reference.multihead_attn.in_proj_weight.chunk(3)
         b_q, b_k, b_v = reference.multihead_attn.in_proj_bias.chunk(3)
         mask, attended = pot_attention(x, memory, lambda t: F.linear(t, w_q, b_q),
@@ -252,20 +260,14 @@ def test_layer_is_post_norm_without_self_attention():
     torch.manual_seed(0)
     C, H = 16, 4
     layer = MPSADecoder(dim=C, ffn_dim=64, matching="softmax", num_heads=H).layers[0].eval()
-    reference = torch.nn.TransformerDecoderLayer(C, H, dim_feedforward=64, batch_first=True).eval()
-    attn = layer.cross_attn
     with torch.no_grad():  # non-trivial norm affines, so that a swapped or missing norm shows
         for norm in (layer.norm2, layer.norm3):
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
+    reference = torch_layer_holding(layer, heads=H, ffn_dim=64)
+    with torch.no_grad():
         reference.self_attn.out_proj.weight.zero_()
         reference.self_attn.out_proj.bias.zero_()
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        reference.multihead_attn.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
-        reference.multihead_attn.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
-        reference.multihead_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
-        for name in ("linear1", "linear2", "norm2", "norm3"):
-            getattr(reference, name).load_state_dict(getattr(layer, name).state_dict())
     queries, memory = inputs(2, 3, 4, 9, C)
     queries = F.layer_norm(queries, (C,), eps=0.0)  # mean 0, variance 1: norm1 passes them through
     expected = reference(queries.flatten(1, 2), memory)  # (B, K*N, C)

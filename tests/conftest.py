@@ -1,8 +1,12 @@
-"""Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU; the one comparison
-helper (`assert_close`, imported as `from conftest import assert_close`) and the fixtures that several
-test files use (generated datasets, a small checkpoint in train.py's format)."""
+"""Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU; the helpers every test
+file means the same by (`assert_close`, `expect_error`, `raw_label`: `from conftest import ...`) and the
+fixtures that several test files use (generated datasets, a small checkpoint in train.py's format)."""
+import os
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import data
@@ -10,19 +14,54 @@ from tools import datasets
 from model import OTSeg, trainable_parameters
 
 
-def assert_close(actual, expected, atol: float = 0.0, rtol: float = 0.0, what: str = "") -> None:
+def assert_close(actual, expected, atol: float = 0.0, rtol: float = 0.0, what: str = "",
+                 equal_nan: bool = False) -> None:
     """Pass when the largest difference is at most atol + rtol * (largest |expected|); the failure says both.
 
     One yardstick for every test: rtol is relative to the largest entry of the reference (so a plan
-    whose entries are all about 1/(M N) is compared at its own scale), atol absolute.
+    whose entries are all about 1/(M N) is compared at its own scale), atol absolute. equal_nan: NaNs
+    must stand at the same places in both, and the other entries are compared.
     """
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     assert actual.shape == expected.shape, f"{what}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if equal_nan:
+        assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN at other places"
+        actual, expected = actual[~expected.isnan()], expected[~expected.isnan()]
     diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
     bound = atol + rtol * scale
     assert diff <= bound, f"{what}: largest difference {diff:.3e} > {bound:.3e} (largest |expected| {scale:.3e})"
+
+
+def files_under(folder) -> dict[str, tuple[int, int]]:
+    """{path: (size, modification time)} of every file and folder below `folder`."""
+    found = {}
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(parent, name)
+            found[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return found
+
+
+def expect_error(program, match: str | tuple[str, ...], *argv, unchanged=None) -> str:
+    """`program.main` on the parsed argv stops with one line `error: ...` holding match (every part of a
+    tuple), a non-zero exit; nothing below the folder `unchanged` is written, removed or changed. Returns
+    the line. program: a module with get_args_parser() and main(args) (train, evaluate)."""
+    before = files_under(unchanged) if unchanged is not None else None
+    with pytest.raises(SystemExit) as stop:
+        program.main(program.get_args_parser().parse_args([str(a) for a in argv]))
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert all(part in message for part in ((match,) if isinstance(match, str) else match)), message
+    if before is not None:
+        assert files_under(unchanged) == before, "a file was written"
+    return message
+
+
+def raw_label(path) -> np.ndarray:
+    """The values stored in a label PNG, int64 (H, W)."""
+    return np.asarray(Image.open(path)).astype(np.int64)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,6 +81,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_voc(tmp_path):
+    """A fresh tiny VOC that a test may break."""
+    return datasets.make_fake_dataset("voc", str(tmp_path), num_train=2, num_val=1, size=(32, 48))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from torch import nn
 import checkpoint as checkpoints  # the module; `checkpoint` is the fixture below
 import clip
 import data
+from conftest import expect_error
 from tools import datasets
 import evaluate
 from model import OTSeg, trainable_parameters
@@ -26,17 +27,6 @@ PROMPT_TOKENS = 4
 
 def run_main(*argv):
     evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def expect_error(tmp_path, match: str | tuple[str, ...], *argv):
-    """The program stops with one line `error: ...` holding `match` and writes nothing under tmp_path."""
-    before = sorted(p for p in tmp_path.rglob("*"))
-    with pytest.raises(SystemExit) as stop:
-        run_main(*argv)
-    message = stop.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    assert all(part in message for part in ((match,) if isinstance(match, str) else match)), message
-    assert sorted(p for p in tmp_path.rglob("*")) == before, "a file was written"
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +169,26 @@ def test_the_releases_voc_parameters_convert_to_every_parameter_of_ours():
     expected = release_sources()
     assert source == expected, {k: (source.get(k), expected.get(k)) for k in set(source) | set(expected)
                                 if source.get(k) != expected.get(k)}
+    # every other trained entry is one the release builds and never reads (docs/release.md, items 9-10):
+    # each layer's self-attention and its norm, and the last layer's all but q and k
+    unread = {n for n in trained if re.search(r"layers\.\d\.(self_attn|norm1)\.", n) or
+              (".layers.2." in n and not re.search(r"multihead_attn\.[qk]\.", n))}
+    assert set(trained) - set(source.values()) == unread
+
+
+def test_the_releases_frozen_clip_is_our_clip_at_its_crop():
+    """The frozen entries of the released VOC checkpoint are OpenAI's ViT-B/16 under the release's prefixes
+    (`backbone.` for the image tower, `text_encoder.` for the text tower): the same names and shapes as our
+    CLIP's parameters, the positional table at the 512-pixel crop (32 * 32 + 1 rows). Only the logit scale,
+    which segmentation does not use, is not saved."""
+    rows = release_voc_parameters()
+    frozen = {name: shape for name, shape, kind in rows if kind == "frozen"}
+    with torch.device("meta"):
+        vit = clip.CLIP(**dict(clip.VIT_B_16, image_resolution=data.get_preset("voc")["crop_size"]))
+    ours = {("backbone." + n[len("visual."):] if n.startswith("visual.") else "text_encoder." + n): tuple(p.shape)
+            for n, p in vit.named_parameters() if n != "logit_scale"}
+    assert frozen == ours, {n: (frozen.get(n), ours.get(n)) for n in set(frozen) | set(ours)
+                            if frozen.get(n) != ours.get(n)}
 
 
 def collapse_blocks(names) -> set[str]:
@@ -242,15 +252,15 @@ def test_release_checkpoint_with_an_unknown_key_or_of_another_dataset(checkpoint
     torch.save(ckpt, tmp_path / "in" / "unknown.pth")
     out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json",
            "--convert", tmp_path / "out.pt", "--clip-weights", "random-tiny", "--setting", "inductive"]
-    expect_error(tmp_path, "unknown keys ['decode_head.conv_seg.weight']",
-                 "--checkpoint", tmp_path / "in" / "unknown.pth", "--source", "voc", *out)
+    expect_error(evaluate, "unknown keys ['decode_head.conv_seg.weight']",
+                 "--checkpoint", tmp_path / "in" / "unknown.pth", "--source", "voc", *out, unchanged=tmp_path)
     del ckpt["state_dict"]["decode_head.conv_seg.weight"]
     ckpt["meta"]["CLASSES"] = tuple(data.COCO_CLASSES)  # trained on COCO-Stuff, given as VOC
     torch.save(ckpt, tmp_path / "in" / "coco.pth")
-    expect_error(tmp_path, "171 classes, not on voc (20): give its dataset as --source",
-                 "--checkpoint", tmp_path / "in" / "coco.pth", "--source", "voc", *out)
-    expect_error(tmp_path, "needs --source", "--checkpoint", tmp_path / "in" / "coco.pth", "--data-root", voc_root,
-                 "--setting", "inductive")
+    expect_error(evaluate, "171 classes, not on voc (20): give its dataset as --source",
+                 "--checkpoint", tmp_path / "in" / "coco.pth", "--source", "voc", *out, unchanged=tmp_path)
+    expect_error(evaluate, "needs --source", "--checkpoint", tmp_path / "in" / "coco.pth", "--data-root", voc_root,
+                 "--setting", "inductive", unchanged=tmp_path)
 
 
 def test_unreadable_or_foreign_checkpoints(checkpoint, voc_root, tmp_path):
@@ -259,11 +269,11 @@ def test_unreadable_or_foreign_checkpoints(checkpoint, voc_root, tmp_path):
     torch.save(torch.ones(3), tmp_path / "in" / "tensor.pt")
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "in" / "other_model.pt")
     out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json"]
-    expect_error(tmp_path, "cannot read", "--checkpoint", tmp_path / "in" / "text.pt", *out)
-    expect_error(tmp_path, "holds a Tensor", "--checkpoint", tmp_path / "in" / "tensor.pt", *out)
-    expect_error(tmp_path, "neither a checkpoint of this project", "--checkpoint", tmp_path / "in" / "other_model.pt",
-                 *out)
-    expect_error(tmp_path, "no checkpoint at", "--checkpoint", tmp_path / "in" / "missing.pt", *out)
+    expect_error(evaluate, "cannot read", "--checkpoint", tmp_path / "in" / "text.pt", *out, unchanged=tmp_path)
+    expect_error(evaluate, "holds a Tensor", "--checkpoint", tmp_path / "in" / "tensor.pt", *out, unchanged=tmp_path)
+    expect_error(evaluate, "neither a checkpoint of this project", "--checkpoint", tmp_path / "in" / "other_model.pt",
+                 *out, unchanged=tmp_path)
+    expect_error(evaluate, "no checkpoint at", "--checkpoint", tmp_path / "in" / "missing.pt", *out, unchanged=tmp_path)
 
 
 def test_checkpoint_of_another_backbone_or_dataset(checkpoint, voc_root, tmp_path):
@@ -271,10 +281,12 @@ def test_checkpoint_of_another_backbone_or_dataset(checkpoint, voc_root, tmp_pat
     (tmp_path / "in").mkdir()
     torch.save(clip.CLIP(**dict(clip.TINY, vision_layers=3)).state_dict(), tmp_path / "in" / "deep.pt")
     out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json"]
-    expect_error(tmp_path, "vision_layers 2 (this CLIP: 3)", "--checkpoint", path, "--clip-weights",
-                 tmp_path / "in" / "deep.pt", *out)
-    expect_error(tmp_path, "was trained with --source voc", "--checkpoint", path, "--source", "coco", *out)
-    expect_error(tmp_path, "was trained with --setting inductive", "--checkpoint", path, "--setting", "fully", *out)
+    expect_error(evaluate, "vision_layers 2 (this CLIP: 3)", "--checkpoint", path, "--clip-weights",
+                 tmp_path / "in" / "deep.pt", *out, unchanged=tmp_path)
+    expect_error(evaluate, "was trained with --source voc", "--checkpoint", path, "--source", "coco", *out,
+                 unchanged=tmp_path)
+    expect_error(evaluate, "was trained with --setting inductive", "--checkpoint", path, "--setting", "fully", *out,
+                 unchanged=tmp_path)
 
 
 def test_corrupt_clip_weights_or_a_torch_file_that_is_not_clip(checkpoint, voc_root, tmp_path):
@@ -284,5 +296,5 @@ def test_corrupt_clip_weights_or_a_torch_file_that_is_not_clip(checkpoint, voc_r
     torch.save({"weight": torch.ones(3)}, tmp_path / "in" / "not_clip.pt")
     out = ["--data-root", voc_root, "--device", "cpu", "--output-json", tmp_path / "out.json"]
     for name in ("random.pt", "not_clip.pt", "missing.pt"):  # the message names the flag and the file
-        expect_error(tmp_path, ("error: --clip-weights: ", str(tmp_path / "in" / name)), "--checkpoint", path,
-                     "--clip-weights", tmp_path / "in" / name, *out)
+        expect_error(evaluate, ("error: --clip-weights: ", str(tmp_path / "in" / name)), "--checkpoint", path,
+                     "--clip-weights", tmp_path / "in" / name, *out, unchanged=tmp_path)

@@ -18,18 +18,9 @@ import torch.nn.functional as F
 import checkpoint
 import clip
 import data
+from conftest import assert_close
 
 TEXTS = ["a photo of a cat.", "a portrait of a tv monitor.", "Hello,   WORLD!! 42 &amp; naïve café"]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def assert_close(a, b, atol, what):
-    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
-    d = max_diff(a, b)
-    assert d <= atol, f"{what}: largest difference {d:.3g} > {atol}"
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +74,7 @@ def embeddings(vit_b16, inputs):
 @pytest.mark.parametrize("reference", ["open_clip", "openai"])
 def test_vit_b16_matches_reference(embeddings, reference):
     for what, ours, theirs in zip(("image", "text"), embeddings["ours"], embeddings[reference]):
-        print(f"{what} vs {reference}: largest difference {max_diff(ours, theirs):.2e}")
-        assert_close(ours, theirs, 1e-4, f"{what} vs {reference}")
+        assert_close(ours, theirs, 1e-4, what=f"{what} vs {reference}")
     assert embeddings["ours"][0].shape == (2, 512) and embeddings["ours"][1].shape == (3, 512)
 
 
@@ -111,9 +101,9 @@ def test_dense_without_prompts_is_plain_clip(vit_b16, inputs, embeddings):
         ours.visual.double_cls_embedding = True
     tokens = openai_tokens(openai.visual, images)  # (B, 1 + 196, C)
     assert dense.shape == (2, 512, 14, 14)
-    assert_close(g, tokens[:, 0], 1e-4, "global")
-    assert_close(g, embeddings["ours"][0], 1e-5, "global vs encode_image")
-    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-4, "dense")
+    assert_close(g, tokens[:, 0], 1e-4, what="global")
+    assert_close(g, embeddings["ours"][0], 1e-5, what="global vs encode_image")
+    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-4, what="dense")
 
 
 @torch.no_grad()
@@ -126,8 +116,8 @@ def test_non_square_input(vit_b16):
     pos = torch.cat([table[:1], patch_pos.flatten(2).transpose(1, 2)[0]])  # (1 + 60, W)
     tokens = openai_tokens(openai.visual, images, pos=pos, double_cls=True)
     assert dense.shape == (1, 512, 6, 10)
-    assert_close(g, tokens[:, 0], 1e-4, "non-square global")
-    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-4, "non-square dense")
+    assert_close(g, tokens[:, 0], 1e-4, what="non-square global")
+    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-4, what="non-square dense")
 
 
 def test_vpt_trainable_counts():
@@ -238,7 +228,7 @@ def test_torchscript_weights_read_without_torch_jit(torchscript_archive, monkeyp
     assert set(weights) == set(expected), set(weights) ^ set(expected)
     for name, value in expected.items():
         assert weights[name].dtype == value.dtype, name
-        assert_close(weights[name].double(), value.double(), 0, name)
+        assert_close(weights[name].double(), value.double(), 0, what=name)
 
 
 @torch.no_grad()
@@ -247,9 +237,9 @@ def test_load_torchscript_archive(tiny_openai, torchscript_archive):
     texts = clip.tokenize(TEXTS)
     model = clip.build_model(checkpoint.read_clip_weights(str(torchscript_archive[0])))
     assert model.logit_scale.dtype == torch.float32
-    assert_close(model.encode_image(images), tiny_openai.encode_image(images), 1e-5, "image after load")
-    assert_close(model.encode_text(texts), tiny_openai.encode_text(texts.int()), 1e-5, "text after load")
-    assert_close(model(images, texts)[0], tiny_openai(images, texts.int())[0], 1e-4, "logits after load")
+    assert_close(model.encode_image(images), tiny_openai.encode_image(images), 1e-5, what="image after load")
+    assert_close(model.encode_text(texts), tiny_openai.encode_text(texts.int()), 1e-5, what="text after load")
+    assert_close(model(images, texts)[0], tiny_openai(images, texts.int())[0], 1e-4, what="logits after load")
 
 
 class RunsCommand:
@@ -308,7 +298,7 @@ def test_load_state_dict_file(tiny_openai, tmp_path):
     assert model.visual.prompt_embeddings.shape == (1, 2, 64)
     assert model.visual.deep_prompt_embeddings.shape == (1, 2, 64)
     images = torch.randn(1, 3, 64, 64)
-    assert_close(model.encode_image(images), tiny_openai.encode_image(images), 1e-5, "image after load")
+    assert_close(model.encode_image(images), tiny_openai.encode_image(images), 1e-5, what="image after load")
 
 
 def test_missing_weights_message(tmp_path):
@@ -354,11 +344,11 @@ def test_vpt_forward_by_hand(tiny_vpt, openai_clip):
     x = torch.cat([x[:, :1], x[:, 4:]], dim=1)
     tokens = reference.ln_post(v.prompt_norm(x)) @ reference.proj  # (2, 49, 64)
     assert dense.shape == (2, 64, 6, 8)
-    assert_close(g, tokens[:, 0], 1e-5, "VPT global")
-    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-5, "VPT dense")
+    assert_close(g, tokens[:, 0], 1e-5, what="VPT global")
+    assert_close(dense.flatten(2).transpose(1, 2), tokens[:, 1:], 1e-5, what="VPT dense")
     # encode_image stays OpenAI's: prompts and the quirk do not touch it
     tokens = openai_tokens(reference, images, pos=torch.cat([table[:1], pos[1:]]))
-    assert_close(tiny_vpt.encode_image(images), tokens[:, 0], 1e-5, "encode_image with VPT present")
+    assert_close(tiny_vpt.encode_image(images), tokens[:, 0], 1e-5, what="encode_image with VPT present")
 
 
 def test_freeze_and_gradients_reach_prompts(tiny_vpt):
@@ -385,14 +375,14 @@ def test_positional_interpolation(tiny_vpt):
     resized = clip.resize_positional_embedding(table, (6, 6), (3, 3))  # halving averages 2 x 2 blocks exactly
     grid = table[1:].reshape(6, 6, -1)
     expected = (grid[0::2, 0::2] + grid[1::2, 0::2] + grid[0::2, 1::2] + grid[1::2, 1::2]).reshape(9, -1) / 4
-    assert_close(resized[1:], expected, 1e-6, "2x downsampling")
+    assert_close(resized[1:], expected, 1e-6, what="2x downsampling")
     assert torch.equal(resized[0], table[0])  # CLS position kept
     # build-time resizing (the release's training grid) equals resizing at the forward
     state_dict = {k: v for k, v in tiny_vpt.state_dict().items()}
     built = clip.build_model(state_dict, prompt_tokens=3, image_size=(96, 128))
     assert built.visual.positional_embedding.shape == (1 + 6 * 8, 64) and built.visual.grid_size == (6, 8)
     images = torch.randn(1, 3, 96, 128)
-    assert_close(built.encode_dense(images)[1], tiny_vpt.encode_dense(images)[1], 1e-5, "build-time resize")
+    assert_close(built.encode_dense(images)[1], tiny_vpt.encode_dense(images)[1], 1e-5, what="build-time resize")
 
 
 def test_preprocess_matches_openai(openai_clip):
@@ -401,4 +391,4 @@ def test_preprocess_matches_openai(openai_clip):
     for size in ((300, 200), (180, 333)):
         pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g)
         image = Image.fromarray(pixels.numpy())
-        assert_close(clip.preprocess(image), openai_clip.clip._transform(224)(image), 1e-6, f"preprocess {size}")
+        assert_close(clip.preprocess(image), openai_clip.clip._transform(224)(image), 1e-6, what=f"preprocess {size}")

@@ -13,19 +13,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
+from conftest import raw_label
 from tools import datasets
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
-
-
-@pytest.fixture
-def small_voc(tmp_path):
-    """A fresh tiny VOC that a test may break."""
-    return datasets.make_fake_dataset('voc', str(tmp_path), num_train=2, num_val=1, size=(32, 48))
-
-
-def raw_label(path):
-    return np.asarray(Image.open(path)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -12,20 +12,11 @@ import torch
 from PIL import Image
 
 import data
+from conftest import raw_label
 from tools import datasets
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def small_voc(tmp_path):
-    """A fresh tiny VOC that a test may break."""
-    return datasets.make_fake_dataset('voc', str(tmp_path), num_train=2, num_val=1, size=(32, 48))
-
-
-def raw_label(path):
-    return np.asarray(Image.open(path)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- preparation

@@ -15,6 +15,7 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import data
+from conftest import assert_close, expect_error
 from tools import datasets
 import evaluate
 
@@ -31,17 +32,6 @@ CLIP_STATS = data.CLIP_MEAN, data.CLIP_STD
 
 def run_main(*argv):
     evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def expect_error(tmp_path, match: str, *argv):
-    """The program stops with one line `error: ...` holding `match` and writes nothing under tmp_path."""
-    before = sorted(tmp_path.rglob("*"))
-    with pytest.raises(SystemExit) as stop:
-        run_main(*argv)
-    message = stop.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    assert match in message, message
-    assert sorted(tmp_path.rglob("*")) == before, "a file was written"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +64,7 @@ def test_iou_matches_torchmetrics_with_nan_for_absent_classes():
     jaccard = MulticlassJaccardIndex(K, average="none", ignore_index=255, zero_division=float("nan"))
     theirs = jaccard(pred, label).double()
     assert math.isnan(ours[5]) and ours[4] == 0
-    assert torch.allclose(ours, theirs, equal_nan=True), f"largest difference {(ours - theirs).abs().nanmax()}"
+    assert_close(ours, theirs, rtol=1e-6, equal_nan=True, what="IoU")  # torchmetrics computes in float32
     metrics = evaluate.segmentation_metrics(conf, seen)
     assert metrics["miou_unseen"] == pytest.approx(theirs[[1, 2]].nanmean().item() * 100)
     assert metrics["miou_seen"] == pytest.approx(theirs[[0, 3, 4, 5]].nanmean().item() * 100)
@@ -151,7 +141,7 @@ def test_windows_cover_every_pixel_and_average_overlaps(size):
     out = evaluate.slide_inference(predict, image, crop, stride, window_batch=3)
     assert all(tuple(s[-2:]) == crop for s in seen)  # every window has the crop size (small images padded)
     assert out["ones"].shape == (1, *size) and torch.equal(out["ones"], torch.ones(1, *size))
-    assert torch.allclose(out["p"], torch.sigmoid(image), atol=1e-6)
+    assert_close(out["p"], torch.sigmoid(image), atol=1e-6, what="stitched windows")
     for axis, length in enumerate(size):  # MMSegmentation's rule: every stride, the last flush with the end
         starts = evaluate.window_starts(max(length, crop[axis]), crop[axis], stride[axis])
         assert starts[0] == 0 and starts[-1] + crop[axis] == max(length, crop[axis])
@@ -224,7 +214,7 @@ def test_ade20k_is_normalised_with_clips_statistics_unless_asked(checkpoint, fak
         values = pixels(x, stats)
         off = (values - values.round()).abs().max()
         assert off < 1e-3, f"largest distance to a 0-255 level {off}"
-    assert torch.allclose(pixels(target, CLIP_STATS), pixels(source, IMAGENET), atol=1e-3)
+    assert_close(pixels(target, CLIP_STATS), pixels(source, IMAGENET), atol=1e-3, what="pixels")
     assert not torch.allclose(target, source, atol=0.05)
 
 
@@ -314,24 +304,28 @@ def test_bad_class_lists_images_and_output_paths(checkpoint, fake_root, tmp_path
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "photo.png")
     image = ["--checkpoint", path, "--device", "cpu", "--image"]
-    expect_error(tmp_path, "--classes holds no class name", *image, tmp_path / "in" / "photo.png", "--classes", " , ")
-    expect_error(tmp_path, "--classes names Cat, cat more than once", *image, tmp_path / "in" / "photo.png",
-                 "--classes", "Cat,grass,cat")
-    expect_error(tmp_path, "--image and --classes go together", *image, tmp_path / "in" / "photo.png")
-    expect_error(tmp_path, "is not a picture", *image, tmp_path / "in" / "broken.jpg", "--classes", "cat,sky")
-    expect_error(tmp_path, "no such file", *image, tmp_path / "in" / "missing.jpg", "--classes", "cat,sky")
-    expect_error(tmp_path, "--output", *image, tmp_path / "in" / "photo.png", "--classes", "cat,sky",
-                 "--output", tmp_path / "missing" / "out.png")
+    expect_error(evaluate, "--classes holds no class name", *image, tmp_path / "in" / "photo.png", "--classes", " , ",
+                 unchanged=tmp_path)
+    expect_error(evaluate, "--classes names Cat, cat more than once", *image, tmp_path / "in" / "photo.png",
+                 "--classes", "Cat,grass,cat", unchanged=tmp_path)
+    expect_error(evaluate, "--image and --classes go together", *image, tmp_path / "in" / "photo.png",
+                 unchanged=tmp_path)
+    expect_error(evaluate, "is not a picture", *image, tmp_path / "in" / "broken.jpg", "--classes", "cat,sky",
+                 unchanged=tmp_path)
+    expect_error(evaluate, "no such file", *image, tmp_path / "in" / "missing.jpg", "--classes", "cat,sky",
+                 unchanged=tmp_path)
+    expect_error(evaluate, "--output", *image, tmp_path / "in" / "photo.png", "--classes", "cat,sky",
+                 "--output", tmp_path / "missing" / "out.png", unchanged=tmp_path)
     score = ["--checkpoint", path, "--data-root", fake_root["voc"], "--device", "cpu", "--crop-size", 64]
-    expect_error(tmp_path, f"--output-json {tmp_path / 'missing' / 'x.json'}: the folder", *score,
-                 "--output-json", tmp_path / "missing" / "x.json")
-    expect_error(tmp_path, "--window-stride 65 exceeds the window (64 pixels", *score, "--window-stride", 65,
-                 "--output-json", tmp_path / "x.json")
-    expect_error(tmp_path, f"--data-root: data root {tmp_path / 'typo'}", *score[:2], "--data-root", tmp_path / "typo",
-                 "--clip-weights", tmp_path / "not_downloaded_yet.pt")  # the cheap mistake is found first
-    expect_error(tmp_path, "--visualize", *score, "--visualize", tmp_path / "in" / "photo.png")
-    expect_error(tmp_path, "nothing to do", "--checkpoint", path)
-    expect_error(tmp_path, "argument --dataset: invalid choice", *score, "--dataset", "pascal")
+    expect_error(evaluate, f"--output-json {tmp_path / 'missing' / 'x.json'}: the folder", *score,
+                 "--output-json", tmp_path / "missing" / "x.json", unchanged=tmp_path)
+    expect_error(evaluate, "--window-stride 65 exceeds the window (64 pixels", *score, "--window-stride", 65,
+                 "--output-json", tmp_path / "x.json", unchanged=tmp_path)
+    expect_error(evaluate, f"--data-root: data root {tmp_path / 'typo'}", *score[:2], "--data-root", tmp_path / "typo",
+                 "--clip-weights", tmp_path / "not_downloaded_yet.pt", unchanged=tmp_path)  # the cheap mistake first
+    expect_error(evaluate, "--visualize", *score, "--visualize", tmp_path / "in" / "photo.png", unchanged=tmp_path)
+    expect_error(evaluate, "nothing to do", "--checkpoint", path, unchanged=tmp_path)
+    expect_error(evaluate, "argument --dataset: invalid choice", *score, "--dataset", "pascal", unchanged=tmp_path)
 
 
 def test_an_error_is_one_line_on_stderr(checkpoint, tmp_path):
@@ -348,5 +342,6 @@ def test_a_broken_dataset_file_met_in_a_worker_is_one_line(checkpoint, tmp_path)
     label = os.path.join(root, "SegmentationClass", name + ".png")
     with open(label, "r+b") as f:
         f.truncate(60)  # a truncated PNG, found by the DataLoader worker that reads it
-    expect_error(tmp_path, f"cannot read label {label}", "--checkpoint", checkpoint[0], "--data-root", root,
-                 "--crop-size", 64, "--device", "cpu", "--workers", 1, "--output-json", tmp_path / "x.json")
+    expect_error(evaluate, f"cannot read label {label}", "--checkpoint", checkpoint[0], "--data-root", root,
+                 "--crop-size", 64, "--device", "cpu", "--workers", 1, "--output-json", tmp_path / "x.json",
+                 unchanged=tmp_path)

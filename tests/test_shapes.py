@@ -1,5 +1,6 @@
 """Tests of shapes.py: the world (labels and captions against the drawn pixels), the tiny CLIP's helpers
 and checkpoint, a short pretraining against random weights, and the whole demo at toy sizes."""
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from PIL import Image
 import clip
 import data
 import shapes
+from conftest import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = re.compile(r'\b(plain|striped|dotted)(?: and (plain|striped|dotted))? (light|dark) (red|yellow|green|blue|purple)\b')
@@ -212,7 +214,7 @@ def test_demo_end_to_end(tmp_path):
     # scenes, so mIoU(S) is a number, never NaN.
     runs = ['pretrained-sinkhorn'] * 2 + ['pretrained-softmax'] * 2 + ['random-sinkhorn'] * 2
     for row, run, key in zip(rows, runs, ['OTSeg', 'OTSeg+'] * 3):
-        report = shapes.json.loads((out / run / 'eval.json').read_text())
+        report = json.loads((out / run / 'eval.json').read_text())
         iou = np.array([np.nan if x is None else x for x in report['results'][key]['iou']], dtype=float)
         unseen = np.isin(np.arange(len(iou)), shapes.UNSEEN)
         seen_mean = np.nanmean(iou[~unseen])
@@ -220,8 +222,8 @@ def test_demo_end_to_end(tmp_path):
         expected = [seen_mean, unseen_mean, 2 * seen_mean * unseen_mean / (seen_mean + unseen_mean)]
         numbers = [float(x) for x in row.split()[-3:]]
         assert not np.isnan(numbers[0]), row
-        assert np.allclose(numbers, expected, atol=0.051, equal_nan=True), (row, expected)
-    measured = shapes.json.loads((out / 'results.json').read_text())['prompts']
+        assert_close(numbers, expected, atol=0.051, equal_nan=True, what=row)
+    measured = json.loads((out / 'results.json').read_text())['prompts']
     for maps in ('cosine', 'mps'):
         assert -1 <= measured[maps]['correlation'] <= 1 and 0 <= measured[maps]['share'] <= 1, measured
     assert (out / 'pictures' / 'prompts.png').read_bytes() == picture.read_bytes()

@@ -53,6 +53,7 @@ Run
     python data.py --dataset voc --data-root /tmp/fake             # one sample through the pipeline
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -71,26 +72,15 @@ from losses import IGNORE_INDEX  # 255: a label that is a negative for every cla
 # Prompt templates (paper Sec. 5.2: N = 6 for VOC, N = 8 for Context and COCO-Stuff).
 # ----------------------------------------------------------------------------------------------
 
-TEMPLATES = {
-    'N6': [
-        'a photo of a {}.',
-        'a portrait of a {}.',
-        'a part of a {}.',
-        'a segment of a {}.',
-        'a photo of small {}.',
-        'a photo of medium {}.',
-    ],
-    'N8': [
-        'a photo of a {}.',
-        'a portrait of a {}.',
-        'a part of a {}.',
-        'a segment of a {}.',
-        'a photo of small {}.',
-        'a photo of medium {}.',
-        'a photo of large {}.',
-        'a background of a {}.',
-    ],
-}
+TEMPLATES = {'N6': [
+    'a photo of a {}.',
+    'a portrait of a {}.',
+    'a part of a {}.',
+    'a segment of a {}.',
+    'a photo of small {}.',
+    'a photo of medium {}.',
+]}
+TEMPLATES['N8'] = TEMPLATES['N6'] + ['a photo of large {}.', 'a background of a {}.']  # the six, then two more
 
 # ----------------------------------------------------------------------------------------------
 # Class lists (0-based, in label order after label reduction) and unseen classes (ZS3Net/ZegCLIP
@@ -172,7 +162,8 @@ ADE_UNSEEN = []  # a cross-dataset target only: every class is scored
 # ----------------------------------------------------------------------------------------------
 # Dataset presets: everything that belongs to the data, one plain dict per dataset, with the
 # paper's / release's value beside each entry. train.py and evaluate.py both read this table.
-# Adding a dataset = adding one entry (or passing such a dict wherever a name is accepted).
+# Adding a dataset = adding one entry, or passing such a dict wherever a name is accepted (on the
+# command line: a JSON file holding it, as the shapes demo passes its world's preset, shapes.PRESET).
 # ----------------------------------------------------------------------------------------------
 
 SETTINGS = ('inductive', 'transductive', 'fully')  # paper Sec. 5.1: which classes train (the docstring's table)
@@ -287,31 +278,9 @@ DATASETS = {
         window_crop=512, window_stride=426,
         help='see docs/datasets.md: ADEChallengeData2016.zip, used as is',
     ),
-    # The synthetic world of shapes.py (the README's demo), in the simplest layout: folders, no split files.
-    'shapes': dict(
-        name='shapes world',
-        classes=['light red', 'dark red', 'light yellow', 'dark yellow', 'light green', 'dark green',
-                 'light blue', 'dark blue', 'light purple', 'dark purple'],   # the objects' colours
-        unseen=[2, 7, 9],                    # light yellow, dark blue, dark purple: new combinations of seen words
-        templates=['a striped {} shape.', 'a dotted {} shape.', 'a plain {} shape.'],  # N = 3: one per pattern
-        folder=None,
-        splits={'train': [dict(images='images/train', labels='annotations/train')],
-                'val': [dict(images='images/val', labels='annotations/val')]},
-        sizes={},                            # as many scenes as written
-        image_suffix='.jpg', label_suffix='.png',
-        reduce_zero_label=True,              # PNG 0 = background -> 255, 1..10 -> 0..9
-        crop_size=64,                        # the whole 64x64 scene
-        train_scale=(64, 64),
-        ratio_range=(0.5, 2.0),              # the release's rescale range
-        cat_max_ratio=1.0,                   # no class limit: many scenes hold one object
-        test_short_side=64,
-        test_max_long_side=None,
-        window_crop=64, window_stride=64,    # one window per scene
-        help='write it with `python shapes.py world --root DIR` (or run the demo: `python shapes.py`)',
-    ),
 }
 
-# What a dict preset may leave out (the shapes demo, a user's own dataset): the common values above.
+# What a dict preset may leave out (the shapes demo's, a user's own dataset): the common values above.
 PRESET_DEFAULTS = dict(
     name='custom dataset', unseen=[], templates=TEMPLATES['N8'], folder=None, sizes={},
     image_suffix='.jpg', label_suffix='.png', reduce_zero_label=False, crop_size=512,
@@ -353,15 +322,36 @@ def check_classes(preset: dict) -> None:
         raise ValueError(f"{preset['name']}: every class is unseen; at least one class must be seen")
 
 
+def read_preset_file(path: str) -> dict:
+    """The preset dict a JSON file holds (a dataset of one's own on the command line)."""
+    try:
+        with open(os.path.expanduser(path)) as f:
+            preset = json.load(f)
+    except (OSError, ValueError) as err:  # json's decoding errors are ValueErrors
+        raise ValueError(f"cannot read the dataset preset {path} ({err})") from None
+    if not isinstance(preset, dict):
+        raise ValueError(f"{path} holds a {type(preset).__name__}, not a dataset preset (a JSON object)")
+    return preset
+
+
+def preset_stem(dataset: str) -> str:
+    """A short name for file names: the preset's name, or a preset file's name without folder and .json."""
+    return os.path.splitext(os.path.basename(dataset))[0]
+
+
 def get_preset(dataset: str | dict, crop_size: int | None = None) -> dict:
-    """A preset by name ('voc', 'context', 'coco', 'ade') or a dict; missing keys from PRESET_DEFAULTS.
+    """A preset by name ('voc', 'context', 'coco', 'ade'), a dict, or the path of a JSON file holding one;
+    missing keys from PRESET_DEFAULTS.
 
     crop_size, for small runs (tests, CPU trials): crop, rescale, test resize and windows of the preset
     shrink together, so that a 64-pixel trial keeps the proportions of the 512-pixel protocol.
     """
+    if isinstance(dataset, str) and dataset.endswith('.json'):
+        dataset = read_preset_file(dataset)
     if isinstance(dataset, str):
         if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}: choose one of {sorted(DATASETS)} or pass a preset dict")
+            raise ValueError(f"unknown dataset {dataset!r}: choose one of {sorted(DATASETS)} or give a preset "
+                             f"(a dict; on the command line a .json file of one)")
         preset = {**PRESET_DEFAULTS, **DATASETS[dataset]}
     else:
         missing = {'classes', 'splits'} - set(dataset)

@@ -445,7 +445,10 @@ def run(args, rank: int, device: torch.device) -> None:
             checkpoint.save(ckpt, args.convert)
         print0(f"wrote {args.convert}")
     crop_size = args.crop_size or (ckpt.get("args") or {}).get("crop_size")  # a small run's sizes
-    source = data.get_preset(ckpt["dataset"], crop_size)  # the sizes and normalisation the model was trained with
+    try:  # the sizes and normalisation the model was trained with
+        source = data.get_preset(ckpt["dataset"], crop_size)
+    except ValueError as error:  # a preset file (a dataset of one's own) that has gone
+        sys.exit(f"error: {args.checkpoint} was trained on --dataset {ckpt['dataset']}: {error}")
     scoring = plan_scoring(args, ckpt, source, crop_size) if args.data_root else None  # before CLIP's weights load
     if not (args.image or scoring):
         return
@@ -486,7 +489,8 @@ def plan_scoring(args, ckpt: dict, source: dict, crop_size: int | None) -> dict:
     description = (f"scoring {name}{' (cross-dataset)' if cross else ''} with {len(target['classes'])} classes, "
                    f"window {window['crop']} stride {window['stride']} ({origin}), normalised as {normalised_as}, "
                    f"calibration {'on' if calibrate else 'off'}")
-    out = args.output_json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{name}.json")
+    out = args.output_json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                           f"eval_{data.preset_stem(name)}.json")
     return dict(name=name, cross=cross, target=target, dataset=dataset, window=window, origin=origin,
                 classes=list(target["classes"]),  # the target's names (the release's bug: the source's)
                 seen=seen, calibrate=calibrate, description=description, out=out)

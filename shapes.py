@@ -27,8 +27,8 @@ looks. This chapter builds a small world where that can happen on a CPU, with th
     token on its own, since OTSeg reads the dense tokens. `python shapes.py pretrain` remakes
     assets/shapes_clip.pt (command and seed stored inside).
  3. The demo, `python shapes.py`: writes the world in the simplest layout data.py reads
-    (images/{train,val}/*.jpg, annotations/{train,val}/*.png, the preset DATASETS['shapes']), runs
-    `train.py --dataset shapes` on the seen classes' masks (inductive) and `evaluate.py` on all classes,
+    (images/{train,val}/*.jpg, annotations/{train,val}/*.png, and its preset PRESET as shapes.json), runs
+    `train.py --dataset WORLD/shapes.json` on the seen classes' masks (inductive) and `evaluate.py` on all classes,
     for OTSeg and OTSeg+ and for an honesty check: the same OTSeg on a randomly initialised tiny CLIP,
     which has never seen a light yellow thing. `--compare` adds the softmax matching (paper Table 5(b)).
     Then what the prompts do: the N = 3 templates name one pattern each ("a striped {} shape.", "a dotted
@@ -66,16 +66,36 @@ import visualize
 from checkpoint import build_model_from_checkpoint, read_checkpoint as read_otseg_checkpoint
 from common import atomic_save
 from clip import CLIP, TINY, architecture, tokenize
-from data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, test_transform
+from data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, test_transform
+from losses import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------
 # 1. The world
 # ----------------------------------------------------------------------------------------------
 
-PRESET = DATASETS['shapes']  # classes, unseen split, templates, layout: the world's entry in data.py
-CLASSES = PRESET['classes']  # 'light red', 'dark red', 'light yellow', ... (K = 10)
-UNSEEN = PRESET['unseen']  # light yellow, dark blue, dark purple: no masks of them in training
-TEMPLATES = PRESET['templates']  # N = 3: 'a striped {} shape.', 'a dotted {} shape.', 'a plain {} shape.'
+IMAGE_SIZE = 64  # every scene is 64 x 64
+
+# The world as a dataset preset of data.py (the keys and their meaning: data.DATASETS), in the simplest
+# layout: folders, no split files. write_world puts it beside the scenes as PRESET_FILE, the file that
+# `train.py --dataset` is given (a checkpoint keeps its path, where evaluate.py reads it again).
+PRESET = dict(
+    name='shapes world',
+    classes=['light red', 'dark red', 'light yellow', 'dark yellow', 'light green', 'dark green',
+             'light blue', 'dark blue', 'light purple', 'dark purple'],  # the objects' colours (K = 10)
+    unseen=[2, 7, 9],  # light yellow, dark blue, dark purple: no masks of them in training
+    templates=['a striped {} shape.', 'a dotted {} shape.', 'a plain {} shape.'],  # N = 3: one per pattern
+    splits={'train': [dict(images='images/train', labels='annotations/train')],
+            'val': [dict(images='images/val', labels='annotations/val')]},
+    reduce_zero_label=True,  # PNG 0 = background -> 255, 1..10 -> 0..9
+    crop_size=IMAGE_SIZE, train_scale=(IMAGE_SIZE, IMAGE_SIZE),  # the whole scene, rescaled by 0.5..2
+    cat_max_ratio=1.0,  # no class limit: many scenes hold one object
+    test_short_side=IMAGE_SIZE, window_crop=IMAGE_SIZE, window_stride=IMAGE_SIZE,  # one window per scene
+    help='write it with `python shapes.py world --root DIR` (or run the demo: `python shapes.py`)',
+)
+PRESET_FILE = 'shapes.json'
+CLASSES = PRESET['classes']
+UNSEEN = PRESET['unseen']
+TEMPLATES = PRESET['templates']
 HUES = {'red': (220, 35, 35), 'yellow': (230, 220, 40), 'green': (40, 190, 50), 'blue': (45, 65, 225),
         'purple': (190, 50, 210)}  # RGB; hues 0, 60, 120, 240 and 300 degrees
 SHADES = ['light', 'dark']
@@ -84,8 +104,6 @@ COLOURS = {  # RGB of each class: light = 45% of the hue mixed with white, dark 
     for hue, rgb in HUES.items() for shade in SHADES}
 SHAPES = ['circle', 'square', 'triangle', 'diamond', 'hexagon', 'star']
 PATTERNS = ['plain', 'striped', 'dotted']
-IMAGE_SIZE = 64  # the preset's crop_size
-
 
 def shape_mask(shape: str, centre: tuple[float, float], radius: float, angle: float, size: int) -> np.ndarray:
     """(size, size) bool: the filled polygon (no anti-aliasing, so every pixel is either in or out)."""
@@ -189,7 +207,8 @@ def world_words() -> list[str]:
 
 def write_world(root: str, num_train: int = 2000, num_val: int = 300, seed: int = 0) -> str:
     """Write the world under root: images/{train,val}/NAME.jpg, annotations/{train,val}/NAME.png
-    (0 = background, k + 1 = class k) and captions/{train,val}.txt ("NAME<tab>caption" lines)."""
+    (0 = background, k + 1 = class k), captions/{train,val}.txt ("NAME<tab>caption" lines) and the
+    preset, PRESET_FILE."""
     for split, count, split_seed in [('train', num_train, seed), ('val', num_val, seed + 1)]:
         rng = np.random.default_rng([split_seed, 20240924])  # disjoint from the pretraining streams
         for folder in ('images', 'annotations'):
@@ -203,9 +222,10 @@ def write_world(root: str, num_train: int = 2000, num_val: int = 300, seed: int 
                                         subsampling=0)
             Image.fromarray(label).save(os.path.join(root, 'annotations', split, name + '.png'))
             lines.append(f'{name}\t{caption(objects, rng)}')
-        os.makedirs(os.path.join(root, 'captions'), exist_ok=True)
-        with open(os.path.join(root, 'captions', f'{split}.txt'), 'w') as f:
+        with atomic_save(os.path.join(root, 'captions', f'{split}.txt')) as tmp, open(tmp, 'w') as f:
             f.write('\n'.join(lines) + '\n')
+    with atomic_save(os.path.join(root, PRESET_FILE)) as tmp, open(tmp, 'w') as f:
+        json.dump(PRESET, f, indent=1)
     return root
 
 
@@ -438,7 +458,8 @@ def write_clip_weights(out_dir: str, checkpoint: str, seed: int) -> dict[str, st
     paths = {}
     for name, state_dict in (('pretrained', pretrained), ('random', random_init)):
         paths[name] = os.path.join(out_dir, f'clip_{name}.pt')
-        torch.save(state_dict, paths[name])
+        with atomic_save(paths[name]) as tmp:
+            torch.save(state_dict, tmp)
     return paths
 
 
@@ -521,7 +542,7 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
     """One PNG of the first `count` validation scenes holding an unseen colour: the scene, the truth and
     each model's prediction, painted in the classes' own colours; predictions are shown on the object
     pixels only (the pixels that are scored) and background is grey."""
-    dataset = SegmentationDataset('shapes', root, 'val', 'fully', transform=test_transform('shapes'))
+    dataset = SegmentationDataset(PRESET, root, 'val', 'fully', transform=test_transform(PRESET))
     seen = dataset.seen  # bool (K,): data.seen_mask of the preset
     unseen = (~seen).nonzero().flatten()
     chosen = [i for i in range(len(dataset)) if torch.isin(dataset[i]['label'], unseen).any()][:count]
@@ -533,7 +554,7 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
     for title, (checkpoint, inference) in checkpoints.items():
         model = build_model_from_checkpoint(read_otseg_checkpoint(checkpoint), None, torch.device('cpu'))
         probabilities = evaluate.make_predictor(model, CLASSES, seen)(images)[inference]  # (B, K, H, W)
-        predicted = torch.where(labels == 255, 255, probabilities.argmax(dim=1))  # (B, H, W)
+        predicted = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, probabilities.argmax(dim=1))  # (B, H, W)
         columns.append((title, [paint(p.numpy()) for p in predicted]))
     size, header = IMAGE_SIZE * scale, 28
     canvas = Image.new('RGB', (len(columns) * (size + 6), header + len(samples) * (size + 6)), 'white')
@@ -544,8 +565,7 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
         for r, tile in enumerate(tiles):
             tile = Image.fromarray(tile).resize((size, size), Image.NEAREST)
             canvas.paste(tile, (c * (size + 6), header + r * (size + 6)))
-    canvas.save(path)
-    return path
+    return visualize.save_picture(canvas, path)
 
 
 # What the prompts do. Each template names a pattern ("a striped {} shape.") and every object is made of
@@ -645,8 +665,7 @@ def prompts_picture(path: str, cosine: torch.Tensor, after: torch.Tensor, images
         tiles += [visualize.heatmap(maps[i, k, n]) for maps in (cosine, after) for n in range(N)]
         for c, picture in enumerate(tiles):
             canvas.paste(picture.resize((tile, tile), Image.NEAREST), (left + c * (tile + gap), y))
-    canvas.save(path)
-    return path
+    return visualize.save_picture(canvas, path)
 
 
 def demo(out_dir: str = 'runs/shapes', checkpoint: str = CHECKPOINT, seed: int = 0, num_train: int = 2000,
@@ -671,13 +690,13 @@ def demo(out_dir: str = 'runs/shapes', checkpoint: str = CHECKPOINT, seed: int =
     train = []
     for name, clip_name, matching in runs:
         run_dir = os.path.join(out_dir, name)
-        argv = [sys.executable, 'train.py', '--dataset', 'shapes', '--setting', 'inductive', '--data-root', root,
-                '--clip-weights', weights[clip_name], '--matching', matching, '--output-dir', run_dir,
-                '--iters', str(schedule['iters']), '--batch-size', str(schedule['batch_size']),
+        argv = [sys.executable, 'train.py', '--dataset', os.path.join(root, PRESET_FILE), '--setting', 'inductive',
+                '--data-root', root, '--clip-weights', weights[clip_name], '--matching', matching,
+                '--output-dir', run_dir, '--iters', str(schedule['iters']), '--batch-size', str(schedule['batch_size']),
                 '--micro-batch', str(schedule['batch_size']), '--lr', str(schedule['lr']),
                 '--warmup-iters', str(schedule['warmup_iters']), '--prompt-tokens', str(schedule['prompt_tokens']),
-                '--seed', str(seed), '--workers', '0', '--device', 'cpu', '--log-every', str(max(1, schedule['iters'] // 4)),
-                '--save-every', str(schedule['iters'])]
+                '--seed', str(seed), '--workers', '0', '--device', 'cpu',
+                '--log-every', str(max(1, schedule['iters'] // 4)), '--save-every', str(schedule['iters'])]
         os.makedirs(run_dir, exist_ok=True)
         progress = os.path.join(run_dir, 'log.jsonl')
         if os.path.exists(progress):
@@ -721,9 +740,9 @@ def demo(out_dir: str = 'runs/shapes', checkpoint: str = CHECKPOINT, seed: int =
             results[name] = json.load(f)['results']
     table = results_table(results, seed) + '\n\n' + specialisation_table(
         measured['cosine'], measured['mps'], measured['agreement'], num_scenes, len(model.templates))
-    with open(os.path.join(out_dir, 'results.txt'), 'w') as f:
+    with atomic_save(os.path.join(out_dir, 'results.txt')) as tmp, open(tmp, 'w') as f:
         f.write(table + '\n')
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    with atomic_save(os.path.join(out_dir, 'results.json')) as tmp, open(tmp, 'w') as f:
         json.dump(dict(seed=seed, results=results, prompts=measured), f, indent=1)
     print('\n' + table + '\n')
     print(f"pictures: {prompts} (paper Fig. 5: each prompt's map on unseen objects, before and after MPS)"

@@ -124,8 +124,9 @@ def default_workers() -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train OTSeg (see the module docstring for commands)")
     group = parser.add_argument_group("data and setting")
-    group.add_argument("--dataset", default="voc", choices=sorted(data.DATASETS),
-                       help="training dataset (presets in data.py)")
+    group.add_argument("--dataset", default="voc",
+                       help=f"training dataset: one of {', '.join(sorted(data.DATASETS))} (presets in data.py), or a "
+                            f".json file holding a preset dict of one's own")
     group.add_argument("--setting", default="inductive", choices=data.SETTINGS,
                        help="zero-shot setting (paper Sec. 2.1 and 5.3; docs/release.md, 'Settings')")
     group.add_argument("--data-root", required=True, help="dataset root in the MMSegmentation layout")
@@ -324,7 +325,7 @@ def class_texts(args, preset: dict) -> tuple[list[str], list[str], torch.Tensor,
 def output_directory(args) -> str:
     """--output-dir, or the --resume checkpoint's folder, or runs/DATASET-SETTING; not an existing file."""
     output_dir = args.output_dir or (os.path.dirname(args.resume) if args.resume not in (None, "auto")
-                                     else os.path.join("runs", f"{args.dataset}-{args.setting}"))
+                                     else os.path.join("runs", f"{data.preset_stem(args.dataset)}-{args.setting}"))
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         sys.exit(f"error: --output-dir {output_dir} is a file: give a directory (it is created if missing)")
     return output_dir

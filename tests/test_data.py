@@ -2,6 +2,7 @@
 hand-written expectations, the MMSeg training pipeline (ranges, alignment, class limit, reproducibility,
 the label resize and the photometric distortion against OpenCV), normalisation per preset against
 open_clip's and torchvision's constants, and every error message (also from DataLoader workers)."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,21 @@ def test_dict_preset_with_plain_folder_layout(tmp_path):
     item = dataset[0]
     assert len(dataset) == 3 and item['image'].shape == (3, 64, 64)
     assert set(item['label'].unique().tolist()) <= {0, 1, 255}
+    # the same preset as a JSON file (how train.py --dataset takes it): the same items
+    (tmp_path / 'mine.json').write_text(json.dumps(shapes))
+    from_file = data.SegmentationDataset(str(tmp_path / 'mine.json'), root, 'val', 'fully')
+    from_dict = data.SegmentationDataset(shapes, root, 'val', 'fully')
+    assert from_file.class_names == shapes['classes'] and from_file.samples == from_dict.samples
+    assert torch.equal(from_file[0]['image'], from_dict[0]['image'])
+    assert data.preset_stem(str(tmp_path / 'mine.json')) == 'mine' and data.preset_stem('voc') == 'voc'
+
+
+def test_a_preset_file_that_cannot_be_read_is_a_value_error(tmp_path):
+    (tmp_path / 'list.json').write_text('["cat", "dog"]')
+    (tmp_path / 'broken.json').write_text('{"classes": ["cat", ')
+    for name, message in (('missing.json', 'No such file'), ('list.json', 'holds a list'), ('broken.json', 'Expecting')):
+        with pytest.raises(ValueError, match=message):
+            data.get_preset(str(tmp_path / name))
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline

@@ -38,7 +38,7 @@ def is_shade(pixels: np.ndarray) -> np.ndarray:
 
 
 def test_preset_matches_world():
-    assert list(shapes.COLOURS) == shapes.CLASSES == data.DATASETS['shapes']['classes']
+    assert list(shapes.COLOURS) == shapes.CLASSES == shapes.PRESET['classes']
     assert [shapes.CLASSES[k] for k in shapes.UNSEEN] == ['light yellow', 'dark blue', 'dark purple']
 
 
@@ -75,7 +75,7 @@ def test_world_on_disk(tmp_path):
     root = shapes.write_world(str(tmp_path), num_train=4, num_val=3, seed=5)
     # the same stream again, in memory: the files hold exactly these labels and (up to JPEG) images
     rng = np.random.default_rng([6, 20240924])  # the val split's stream: seed + 1
-    dataset = data.SegmentationDataset('shapes', root, 'val', 'fully')
+    dataset = data.SegmentationDataset(os.path.join(root, shapes.PRESET_FILE), root, 'val', 'fully')  # as train.py
     assert len(dataset) == 3
     lines = (tmp_path / 'captions' / 'val.txt').read_text().splitlines()
     for i in range(3):
@@ -88,7 +88,7 @@ def test_world_on_disk(tmp_path):
         sample = dataset[i]  # data.py's view: background 255, class k + 1 -> k
         expected = torch.from_numpy(label.astype(np.int64) - 1).masked_fill(torch.from_numpy(label == 0), 255)
         assert torch.equal(sample['label'], expected)
-    train = data.SegmentationDataset('shapes', root, 'train', 'inductive')
+    train = data.SegmentationDataset(shapes.PRESET, root, 'train', 'inductive')
     assert train.class_names == ['light red', 'dark red', 'dark yellow', 'light green', 'dark green', 'light blue',
                                  'light purple']
 

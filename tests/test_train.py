@@ -437,6 +437,13 @@ def test_duplicated_class_names(fake_voc, tmp_path, monkeypatch):
                  unchanged=tmp_path)
 
 
+def test_unknown_dataset_or_unreadable_preset_file(fake_voc, tmp_path):
+    for dataset, message in (("pascal", "unknown dataset 'pascal'"),
+                             (tmp_path / "mine.json", f"cannot read the dataset preset {tmp_path / 'mine.json'}")):
+        expect_error(train, ("--dataset", message), *TINY, "--dataset", dataset, "--data-root", fake_voc,
+                     "--output-dir", tmp_path / "out", unchanged=tmp_path)
+
+
 def damage(root: str, kind: str) -> None:
     """Damage every training sample of a fake VOC: a label value out of range, a truncated JPEG, or a
     label of another size than its image."""

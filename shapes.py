@@ -66,7 +66,7 @@ import visualize
 from checkpoint import build_model_from_checkpoint, read_checkpoint as read_otseg_checkpoint
 from common import atomic_save
 from clip import CLIP, TINY, architecture, tokenize
-from data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, test_transform
+from data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, seen_mask, test_transform
 from losses import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ PRESET = dict(
 PRESET_FILE = 'shapes.json'
 CLASSES = PRESET['classes']
 UNSEEN = PRESET['unseen']
+SEEN = seen_mask(len(CLASSES), UNSEEN)  # bool (K,): how the rest of the code asks which classes are seen
 TEMPLATES = PRESET['templates']
 HUES = {'red': (220, 35, 35), 'yellow': (230, 220, 40), 'green': (40, 190, 50), 'blue': (45, 65, 225),
         'purple': (190, 50, 210)}  # RGB; hues 0, 60, 120, 240 and 300 degrees
@@ -515,8 +516,8 @@ def results_table(results: dict[str, dict], seed: int) -> str:
             ('pretrained-softmax', 'OTSeg+', 'pretrained', 'softmax', 'decoder + score map'),
             ('random-sinkhorn', 'OTSeg', 'random init', 'Sinkhorn (MPSA)', 'OTSeg: decoder'),
             ('random-sinkhorn', 'OTSeg+', 'random init', 'Sinkhorn (MPSA)', 'OTSeg+: decoder + score map')]
-    unseen = ', '.join(CLASSES[k] for k in UNSEEN)
-    lines = [f"Shapes world, inductive, seed {seed}: trained on the masks of {len(CLASSES) - len(UNSEEN)} seen "
+    unseen = ', '.join(name for name, seen in zip(CLASSES, SEEN.tolist()) if not seen)
+    lines = [f"Shapes world, inductive, seed {seed}: trained on the masks of {int(SEEN.sum())} seen "
              f"classes, scored on all {len(CLASSES)}", f"(unseen: {unseen}). IoU in %.", "",
              f"{'tiny CLIP':12s} {'matching':16s} {'prediction':28s} {'mIoU(S)':>8s} {'mIoU(U)':>8s} {'hIoU':>8s}"]
     for run, key, clip_name, matching, inference in rows:
@@ -543,8 +544,7 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
     each model's prediction, painted in the classes' own colours; predictions are shown on the object
     pixels only (the pixels that are scored) and background is grey."""
     dataset = SegmentationDataset(PRESET, root, 'val', 'fully', transform=test_transform(PRESET))
-    seen = dataset.seen  # bool (K,): data.seen_mask of the preset
-    unseen = (~seen).nonzero().flatten()
+    unseen = (~SEEN).nonzero().flatten()
     chosen = [i for i in range(len(dataset)) if torch.isin(dataset[i]['label'], unseen).any()][:count]
     samples = [dataset[i] for i in chosen]
     images = torch.stack([s['image'] for s in samples])  # (B, 3, H, W): one window is the whole scene
@@ -553,7 +553,7 @@ def overview_picture(path: str, root: str, checkpoints: dict[str, str], count: i
                ('truth', [paint(label.numpy()) for label in labels])]
     for title, (checkpoint, inference) in checkpoints.items():
         model = build_model_from_checkpoint(read_otseg_checkpoint(checkpoint), None, torch.device('cpu'))
-        probabilities = evaluate.make_predictor(model, CLASSES, seen)(images)[inference]  # (B, K, H, W)
+        probabilities = evaluate.make_predictor(model, CLASSES, SEEN)(images)[inference]  # (B, K, H, W)
         predicted = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, probabilities.argmax(dim=1))  # (B, H, W)
         columns.append((title, [paint(p.numpy()) for p in predicted]))
     size, header = IMAGE_SIZE * scale, 28
@@ -642,7 +642,7 @@ def prompts_picture(path: str, cosine: torch.Tensor, after: torch.Tensor, images
     cosine, after (B, K, N, h, w); images (B, 3, H, W) normalised; labels, parts (B, H, W)."""
     chosen = []
     for i in range(len(images)):
-        for k in UNSEEN:
+        for k in (~SEEN).nonzero().flatten().tolist():
             drawn = parts[i][labels[i] == k + 1].unique().tolist()
             if len(drawn) == 2 and len(chosen) < count and (labels[i] == k + 1).sum() >= 150:
                 chosen.append((i, k, [PATTERNS[p - 1] for p in drawn]))

@@ -8,8 +8,7 @@ This file holds everything needed for that and nothing more:
   1. the byte-level BPE tokenizer, giving exactly OpenAI's token ids;
   2. the transformer blocks, the image tower (ViT with deep VPT) and the text tower, with parameter names
      identical to the keys of OpenAI's checkpoints;
-  3. `build_model` (every size inferred from the weights) and `load` (a state-dict file; OpenAI's
-     TorchScript archive is read without running it by the last section of checkpoint.py);
+  3. `build_model` (every size inferred from the weights) and `load` (a state-dict file);
   4. `freeze_except_prompts`, the preprocessing, and a small demonstration.
 
 `encode_image` and `encode_text` compute exactly what OpenAI's code computes (in fp32). `encode_dense` is
@@ -23,9 +22,11 @@ M = h*w patch tokens (h, w the patch grid), C embedding channels (512 for ViT-B/
 
 Run `python clip.py` for a parameter summary (no weights needed), or
     python clip.py --weights vit-b-16.pt --image cat.jpg --classes "cat,dog,car"
-to classify an image zero-shot with a CLIP state dict. OpenAI's ViT-B-16.pt (`python -c "import clip;
-clip.download()"`) is a TorchScript archive; its state dict, read without running it:
-    python -c "import checkpoint, torch; torch.save(checkpoint.read_clip_weights('~/.cache/clip/ViT-B-16.pt'), 'vit-b-16.pt')"
+to classify an image zero-shot with a CLIP state dict (torch.save(model.state_dict())). OpenAI's own
+ViT-B-16.pt (`download()`) is a TorchScript archive, which `load` refuses: reading it with torch.load
+would run the code it holds. A separate reader takes its weights without running anything (torch and
+the standard library only; this project keeps it at the end of checkpoint.py), for `build_model`:
+    python -c "import checkpoint, torch; torch.save(checkpoint.read_torchscript_weights('$HOME/.cache/clip/ViT-B-16.pt'), 'vit-b-16.pt')"
 """
 
 import gzip
@@ -449,12 +450,9 @@ def build_model(state_dict: dict, prompt_tokens: int = 0, image_size: int | tupl
 
 def load(path: str = DEFAULT_WEIGHTS, prompt_tokens: int = 0, image_size: int | tuple[int, int] | None = None,
          device: str | torch.device = "cpu", prompt_dropout: float = 0.1, double_cls_embedding: bool = True) -> CLIP:
-    """A CLIP from a state-dict file (torch.save(model.state_dict())); see build_model.
-
-    Read with weights_only=True: a file that would run code when unpickled is refused. OpenAI's own
-    ViT-B-16.pt is a TorchScript archive, which torch.load refuses to read without running its code;
-    `read_torchscript_weights` at the end of checkpoint.py reads its tensors without running anything
-    (pass them to build_model)."""
+    """A CLIP from a state-dict file (torch.save(model.state_dict())); see build_model. Read with
+    weights_only=True: a file that would run code when unpickled (OpenAI's TorchScript archive among
+    them, see the module docstring) is refused."""
     state_dict = torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True)
     return build_model(state_dict, prompt_tokens, image_size, prompt_dropout, double_cls_embedding).to(device)
 
@@ -475,7 +473,7 @@ def download(dest: str = DEFAULT_WEIGHTS) -> str:
     if sha.hexdigest() != WEIGHTS_SHA256:
         os.remove(partial)
         raise RuntimeError(f"downloaded file has sha256 {sha.hexdigest()}, expected {WEIGHTS_SHA256}")
-    os.replace(partial, dest)
+    os.replace(partial, dest)  # its own rename, not common.py's atomic_save: this file needs only torch, ftfy, regex
     return dest
 
 

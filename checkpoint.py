@@ -14,9 +14,9 @@ rebuild the rest:
 
 `make_checkpoint` builds that dict (train.py, the release's converter and the tests all call it);
 `save_checkpoint` gathers the random states of every process and writes it; `check_resume` says
-whether a run may continue from one. `build_model_from_checkpoint` turns that back into an OTSeg: it rebuilds the CLIP from the weights file
-(OpenAI's `ViT-B-16.pt`, or 'random-tiny' for trials without downloads), checks that it is the one the
-checkpoint was trained with, and loads the trained weights. The second part of the file reads the
+whether a run may continue from one. `build_model_from_checkpoint` turns that back into an OTSeg: it
+rebuilds the CLIP from the weights file (OpenAI's `ViT-B-16.pt`, or 'random-tiny' for trials without
+downloads), checks that it is the one the checkpoint was trained with, and loads the trained weights. The second part of the file reads the
 authors' released MMSegmentation checkpoints into this format (see docs/release.md); the last reads
 OpenAI's CLIP weights (a TorchScript archive) without running any code from the file.
 

@@ -68,10 +68,10 @@ def heatmap(values: torch.Tensor) -> Image.Image:
 
 
 def denormalize(image: torch.Tensor, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD) -> Image.Image:
-    """(3, H, W) normalised with `mean` and `std` (on 0-255 values) -> RGB image."""
+    """(3, H, W) normalised with `mean` and `std` (on 0-255 values) -> RGB image, each value at its nearest level."""
     mean = torch.tensor(mean).view(3, 1, 1)
     std = torch.tensor(std).view(3, 1, 1)
-    x = (image.float().cpu() * std + mean).clamp(0, 255).byte()
+    x = (image.float().cpu() * std + mean).round().clamp(0, 255).byte()
     return Image.fromarray(x.permute(1, 2, 0).numpy())
 
 

@@ -210,16 +210,14 @@ def save_samples(dataset: SegmentationDataset, out_dir: str, count: int = 4) -> 
     colour of k + 1, 255 is VOC's boundary colour), so a user can see what the model sees."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mean = torch.tensor(dataset.preset['mean']).view(3, 1, 1)
-    std = torch.tensor(dataset.preset['std']).view(3, 1, 1)
     palette = visualize.color_palette()
     palette = palette[3:768] + palette[765:768]            # index k -> VOC colour k + 1; 255 unchanged
     written = []
     for index in range(min(count, len(dataset))):
         item = dataset[index]
         stem = out / f"{index:02d}_{item['name']}"
-        image = (item['image'] * std + mean).clamp(0, 255).round().to(torch.uint8)   # undo the normalisation
-        save_png(image.permute(1, 2, 0).numpy(), Path(f'{stem}_image.png'))         # (3, H, W) -> (H, W, 3)
+        picture = visualize.denormalize(item['image'], dataset.preset['mean'], dataset.preset['std'])
+        visualize.save_picture(picture, f'{stem}_image.png')
         save_png(item['label'].to(torch.uint8).numpy(), Path(f'{stem}_label.png'), palette)
         written.append(str(stem))
     return written

@@ -46,6 +46,12 @@ def save_png(array: np.ndarray, path: Path, palette: list[int] | None = None) ->
         image.save(tmp, format='PNG')
 
 
+def write_names(names: list[str], path: Path) -> None:
+    """A split file, one name a line, through a temporary name: a stopped run never leaves half a list."""
+    with atomic_save(str(path)) as tmp:
+        Path(tmp).write_text(''.join(n + '\n' for n in names))
+
+
 # ----------------------------------------------------------------------------------------------
 # Preparation (the conversions of MMSegmentation's tools/convert_datasets; downloads: docs/datasets.md)
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +126,8 @@ def prepare_voc_aug(voc_root: str, sbd_root: str) -> tuple[int, int]:
     for name, path in copied.items():
         save_png(data.read_label(str(path)).numpy(), out / (name + '.png'))   # palette indices
     aug, trainaug = sorted(sbd_names - train - val), sorted((train | sbd_names) - val)
-    (lists / 'aug.txt').write_text(''.join(n + '\n' for n in aug))
-    (lists / 'trainaug.txt').write_text(''.join(n + '\n' for n in trainaug))
+    write_names(aug, lists / 'aug.txt')
+    write_names(trainaug, lists / 'trainaug.txt')
     return len(aug), len(trainaug)
 
 
@@ -180,8 +186,7 @@ def make_fake_dataset(dataset: str | dict, root: str, num_train: int = 4, num_va
                 palette = visualize.color_palette() if part['labels'].endswith('SegmentationClass') else None
                 save_png(scenes[name], base / part['labels'] / (name + preset['label_suffix']), palette)
             if 'list' in part:
-                (base / part['list']).parent.mkdir(parents=True, exist_ok=True)
-                (base / part['list']).write_text(''.join(n + '\n' for n in names))
+                write_names(names, base / part['list'])
             previous = names
     return str(base)
 

@@ -1,6 +1,7 @@
 """Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU; the helpers every test
-file means the same by (`assert_close`, `expect_error`, `raw_label`: `from conftest import ...`) and the
-fixtures that several test files use (generated datasets, a small checkpoint in train.py's format)."""
+file means the same by (`assert_close`, `run_main`, `expect_error`, `raw_label`: `from conftest import
+...`) and the fixtures that several test files use (generated datasets, a small checkpoint in train.py's
+format)."""
 import os
 
 import numpy as np
@@ -44,13 +45,18 @@ def files_under(folder) -> dict[str, tuple[int, int]]:
     return found
 
 
+def run_main(program, *argv) -> None:
+    """A program's main in this process, as its command line runs it. program: a module with
+    get_args_parser() and main(args) (train, evaluate); argv: values of any type, passed as strings."""
+    program.main(program.get_args_parser().parse_args([str(a) for a in argv]))
+
+
 def expect_error(program, match: str | tuple[str, ...], *argv, unchanged=None) -> str:
-    """`program.main` on the parsed argv stops with one line `error: ...` holding match (every part of a
-    tuple), a non-zero exit; nothing below the folder `unchanged` is written, removed or changed. Returns
-    the line. program: a module with get_args_parser() and main(args) (train, evaluate)."""
+    """run_main(program, *argv) stops with one line `error: ...` holding match (every part of a tuple), a
+    non-zero exit; nothing below the folder `unchanged` is written, removed or changed. Returns the line."""
     before = files_under(unchanged) if unchanged is not None else None
     with pytest.raises(SystemExit) as stop:
-        program.main(program.get_args_parser().parse_args([str(a) for a in argv]))
+        run_main(program, *argv)
     message = stop.value.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     assert all(part in message for part in ((match,) if isinstance(match, str) else match)), message

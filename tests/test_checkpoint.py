@@ -16,17 +16,13 @@ from torch import nn
 import checkpoint as checkpoints  # the module; `checkpoint` is the fixture below
 import clip
 import data
-from conftest import expect_error
+from conftest import expect_error, run_main
 from tools import datasets
 import evaluate
 from model import OTSeg, trainable_parameters
 
 CPU = torch.device("cpu")
 PROMPT_TOKENS = 4
-
-
-def run_main(*argv):
-    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +225,9 @@ def test_convert_from_the_command_line_evaluates_as_the_original(checkpoint, voc
     torch.save(release_checkpoint(model, 512), tmp_path / "release.pth")
     release = ["--source", "voc", "--setting", "inductive", "--clip-weights", "random-tiny"]
     common = ["--data-root", voc_root, "--crop-size", 64, "--limit", 1, "--device", "cpu", "--workers", 0]
-    run_main("--checkpoint", tmp_path / "release.pth", *release, "--convert", tmp_path / "converted.pt",
+    run_main(evaluate, "--checkpoint", tmp_path / "release.pth", *release, "--convert", tmp_path / "converted.pt",
              *common, "--output-json", tmp_path / "release.json")
-    run_main("--checkpoint", tmp_path / "converted.pt", *common, "--output-json", tmp_path / "converted.json")
+    run_main(evaluate, "--checkpoint", tmp_path / "converted.pt", *common, "--output-json", tmp_path / "converted.json")
     original, converted = (json.load(open(tmp_path / f"{n}.json"))["results"] for n in ("release", "converted"))
     for name in ("OTSeg", "OTSeg+"):
         assert converted[name]["confusion"] == original[name]["confusion"], name

@@ -15,7 +15,7 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import data
-from conftest import assert_close, expect_error
+from conftest import assert_close, expect_error, run_main
 from tools import datasets
 import evaluate
 
@@ -28,10 +28,6 @@ VOC_COLOURS = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), 
 # The normalisations on 0-255 values (test_data.py compares them with torchvision's and open_clip's)
 IMAGENET = data.IMAGENET_MEAN, data.IMAGENET_STD
 CLIP_STATS = data.CLIP_MEAN, data.CLIP_STD
-
-
-def run_main(*argv):
-    evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +186,7 @@ def recorded(monkeypatch):
 def test_cross_dataset_uses_the_targets_names_and_all_its_classes(checkpoint, fake_root, tmp_path):
     path, _ = checkpoint
     out = tmp_path / "ade.json"
-    run_main("--checkpoint", path, "--dataset", "ade", "--data-root", fake_root["ade"], "--crop-size", "64",
+    run_main(evaluate, "--checkpoint", path, "--dataset", "ade", "--data-root", fake_root["ade"], "--crop-size", "64",
              "--device", "cpu", "--workers", 0, "--output-json", out)
     report = json.load(open(out))
     assert report["cross_dataset"] and not report["calibration"] and report["unseen"] == []
@@ -202,8 +198,8 @@ def test_ade20k_is_normalised_with_clips_statistics_unless_asked(checkpoint, fak
     path, _ = checkpoint
     common = ["--checkpoint", path, "--dataset", "ade", "--data-root", fake_root["ade"], "--crop-size", 64,
               "--limit", 1, "--device", "cpu", "--workers", 0, "--output-json", tmp_path / "ade.json"]
-    run_main(*common)
-    run_main(*common, "--normalization", "source")
+    run_main(evaluate, *common)
+    run_main(evaluate, *common, "--normalization", "source")
     target, source = recorded[0]["image"], recorded[1]["image"]
 
     def pixels(x, stats):  # undo a normalisation: the resized uint8 image, if the statistics are right
@@ -227,9 +223,9 @@ def test_coco_to_voc_slides_with_the_releases_stride_unless_asked(checkpoint, fa
     torch.save(ckpt, tmp_path / "coco.pt")
     common = ["--checkpoint", tmp_path / "coco.pt", "--data-root", fake_root["voc"], "--crop-size", 128, "--limit", 1,
               "--device", "cpu", "--workers", 0, "--output-json", tmp_path / "voc.json"]
-    run_main(*common, "--dataset", "voc")  # configs/cross_dataset/coco-to-voc.py: stride 380 of 512
-    run_main(*common, "--dataset", "voc", "--window-stride", 106)
-    run_main(*common, "--dataset", "coco", "--data-root", datasets.make_fake_dataset(
+    run_main(evaluate, *common, "--dataset", "voc")  # configs/cross_dataset/coco-to-voc.py: stride 380 of 512
+    run_main(evaluate, *common, "--dataset", "voc", "--window-stride", 106)
+    run_main(evaluate, *common, "--dataset", "coco", "--data-root", datasets.make_fake_dataset(
         "coco", str(tmp_path / "coco"), num_train=1, num_val=1, size=(40, 60)))  # in domain: its own window
     assert [(r["crop"], r["stride"]) for r in recorded] == [((128, 128), (95, 95)), ((128, 128), (106, 106)),
                                                             ((128, 128), (106, 106))]
@@ -256,7 +252,7 @@ def test_image_is_drawn_with_its_prediction_at_a_readable_size(checkpoint, tmp_p
     photo[:, :32] = (220, 30, 30)  # red left half
     photo[:, 32:] = (30, 30, 220)  # blue right half
     Image.fromarray(photo).save(tmp_path / "photo.png")
-    run_main("--checkpoint", path, "--image", tmp_path / "photo.png", "--classes", "cat, grass,sky",
+    run_main(evaluate, "--checkpoint", path, "--image", tmp_path / "photo.png", "--classes", "cat, grass,sky",
              "--device", "cpu", "--crop-size", 64)
     first = capsys.readouterr().out.splitlines()[0]
     assert "photo.png into 3 classes (cat, grass, sky)" in first and "voc with" not in first
@@ -272,7 +268,7 @@ def test_image_is_drawn_with_its_prediction_at_a_readable_size(checkpoint, tmp_p
 
 def test_visualize_draws_truth_prediction_and_one_row_per_prompt(checkpoint, fake_root, tmp_path):
     path, model = checkpoint
-    run_main("--checkpoint", path, "--data-root", fake_root["voc"], "--visualize", tmp_path / "vis",
+    run_main(evaluate, "--checkpoint", path, "--data-root", fake_root["voc"], "--visualize", tmp_path / "vis",
              "--num-visualize", 1, "--limit", 1, "--crop-size", 64, "--device", "cpu", "--workers", 0,
              "--output-json", tmp_path / "x.json")
     name = open(os.path.join(fake_root["voc"], "ImageSets", "Segmentation", "val.txt")).readline().strip()

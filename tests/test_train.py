@@ -25,17 +25,13 @@ import data
 import evaluate
 import losses
 import train
-from conftest import assert_close, expect_error
+from conftest import assert_close, expect_error, run_main
 from tools.datasets import make_fake_dataset
 from model import OTSeg, trainable_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "voc", "--clip-weights", "random-tiny", "--crop-size", "64", "--device", "cpu",
         "--workers", "0", "--batch-size", "2", "--warmup-iters", "1", "--log-every", "1"]
-
-
-def run_main(*argv):
-    train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def read_log(run_dir):
@@ -52,7 +48,7 @@ def fake_voc(tmp_path_factory):
 def finished_run(fake_voc, tmp_path_factory):
     """Three uninterrupted steps: the reference of the resume test and the checkpoint of the others."""
     out = tmp_path_factory.mktemp("run") / "full"
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out)
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out)
     return str(out)
 
 
@@ -215,9 +211,9 @@ def test_pseudo_labels_are_the_unseen_argmax_of_the_ensemble():
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(fake_voc, finished_run, tmp_path):
     out = tmp_path / "split"
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--stop-after", 1)
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--stop-after", 1)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--resume", out / "ckpt.pt")
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 3, "--resume", out / "ckpt.pt")
     full = torch.load(os.path.join(finished_run, "ckpt.pt"), weights_only=True)
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == full["step"] == 3
@@ -297,13 +293,14 @@ def test_best_checkpoint_is_kept_by_hiou_across_a_resume(fake_voc, tmp_path, mon
     resumed run keeps the 0.6 to beat (0.5 at step 3 does not replace it)."""
     monkeypatch.setattr(evaluate, "evaluate", scripted_evaluation([0.2, 0.6, 0.5, 0.7, 0.1]))
     out = tmp_path / "best"
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--output-dir", out, "--stop-after", 2)
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--output-dir", out,
+             "--stop-after", 2)
     best = torch.load(out / "best.pt", weights_only=True)
     assert (best["step"], best["best"]) == (2, 0.6)
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--resume", out / "ckpt.pt",
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--resume", out / "ckpt.pt",
              "--stop-after", 1)
     assert torch.load(out / "best.pt", weights_only=True)["step"] == 2  # 0.5 < 0.6
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--resume", out / "ckpt.pt")
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 5, "--eval-every", 1, "--resume", out / "ckpt.pt")
     best = torch.load(out / "best.pt", weights_only=True)
     assert (best["step"], best["best"], best["metrics"]["OTSeg+"]["hiou"]) == (4, 0.7, 0.7)
     assert [r["OTSeg+"]["hiou"] for r in read_log(out) if r.get("event") == "eval"] == [0.2, 0.6, 0.5, 0.7, 0.1]
@@ -313,7 +310,7 @@ def test_best_checkpoint_is_kept_by_hiou_across_a_resume(fake_voc, tmp_path, mon
 def test_eval_every_scores_the_weights_it_saves(fake_voc, tmp_path):
     """The evaluation logged at step 2 is the one evaluate.py computes from best.pt."""
     out = tmp_path / "eval"
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 2, "--eval-every", 2, "--output-dir", out)
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 2, "--eval-every", 2, "--output-dir", out)
     logged = [r for r in read_log(out) if r.get("event") == "eval"]
     assert [r["step"] for r in logged] == [2]
     best = torch.load(out / "best.pt", weights_only=True)
@@ -346,7 +343,7 @@ def test_transductive_run_starts_from_the_half_way_checkpoint_and_uses_pseudo_la
     monkeypatch.setattr(checkpoint, "load_trainable", load_spy)
     monkeypatch.setattr(train, "pseudo_label", label_spy)
     out = tmp_path / "transductive"
-    run_main(*TINY, "--data-root", fake_voc, "--setting", "transductive", "--iters", 2,
+    run_main(train, *TINY, "--data-root", fake_voc, "--setting", "transductive", "--iters", 2,
              "--init-from", os.path.join(finished_run, "iter_1.pt"), "--output-dir", out)
     assert [what for what, _ in loaded] == ["the --init-from checkpoint"]
     assert all(torch.equal(loaded[0][1][k], v) for k, v in half["model"].items())
@@ -370,7 +367,7 @@ def test_transductive_run_starts_from_the_half_way_checkpoint_and_uses_pseudo_la
 
 def test_num_prompts_uses_the_first_templates(fake_voc, tmp_path):
     out = tmp_path / "two"
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 1, "--num-prompts", 2, "--output-dir", out)
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 1, "--num-prompts", 2, "--output-dir", out)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["templates"] == list(data.get_preset("voc")["templates"][:2])
     model = checkpoint.build_model_from_checkpoint(ckpt, None, torch.device("cpu"))
@@ -385,7 +382,7 @@ def test_implicit_grad_run_trains_like_the_unrolled_one(fake_voc, tmp_path):
     runs = {}
     for flag in ([], ["--implicit-grad"]):
         out = tmp_path / ("implicit" if flag else "unrolled")
-        run_main(*TINY, "--data-root", fake_voc, "--iters", 2, "--warmup-iters", 0, "--output-dir", out, *flag)
+        run_main(train, *TINY, "--data-root", fake_voc, "--iters", 2, "--warmup-iters", 0, "--output-dir", out, *flag)
         runs[bool(flag)] = [r["loss"] for r in read_log(out) if "loss" in r]
         assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["implicit_grad"] == bool(flag)
     assert runs[True][0] == runs[False][0]
@@ -536,7 +533,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_non_finite_weight(fake
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(fake_voc, tmp_path, monkeypatch):
     out = tmp_path / "full"
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 6, "--output-dir", out, "--stop-after", 1)
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 6, "--output-dir", out, "--stop-after", 1)
     before = (out / "ckpt.pt").read_bytes()
     real_save = torch.save
 
@@ -561,12 +558,12 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(fake_voc, finished_
         return real_step(*args, **kwargs)
     monkeypatch.setattr(train, "train_step", step_then_signal)
     with pytest.raises(SystemExit) as stopped:
-        run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out)
+        run_main(train, *TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL    # the handler is put back
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(train, "train_step", real_step)
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--resume", "auto")
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--resume", "auto")
     full = torch.load(os.path.join(finished_run, "ckpt.pt"), weights_only=True)
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 3
@@ -577,7 +574,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(fake_voc, finished_
 def test_resume_auto_starts_fresh_in_an_empty_folder_and_refuses_another_runs_checkpoint(
         fake_voc, finished_run, tmp_path):
     out = tmp_path / "auto"
-    run_main(*TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--resume", "auto")
+    run_main(train, *TINY, "--data-root", fake_voc, "--iters", 3, "--output-dir", out, "--resume", "auto")
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
     full = torch.load(os.path.join(finished_run, "ckpt.pt"), weights_only=True)
     assert all(torch.equal(w, torch.load(out / "ckpt.pt", weights_only=True)["model"][k])

@@ -422,6 +422,16 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(number, signal.SIG_IGN)
 
 
+def stop_workers(batches) -> None:
+    """End the loader's persistent workers now, however the loop ended. Workers that ignore SIGTERM must
+    not outlive train(): where the run's exception is still held (a notebook or a test that catches the
+    SystemExit), Python's exit ends leftover workers with SIGTERM and then waits for them, for ever.
+    `_shutdown_workers` is torch's own clean shutdown, the one it runs when the iterator is freed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent with --workers 0
+    if shutdown is not None:
+        shutdown()
+
+
 # ----------------------------------------------------------------------------------------------
 # Faults a long run meets: a stop signal, a diverging loss, a failed write
 # ----------------------------------------------------------------------------------------------
@@ -675,6 +685,7 @@ def train(args) -> None:
         sys.exit(f"error: {error}")
     finally:
         stop_signal.restore()
+        stop_workers(batches)
     log.close()
     if start_step >= stop:
         print0(f"nothing to do: {os.path.join(output_dir, 'ckpt.pt')} is at step {start_step} of {iters}")

@@ -1,7 +1,8 @@
 """Shared pytest set-up: CUDA-marked tests are skipped on machines without a GPU; the helpers every test
 file means the same by (`assert_close`, `run_main`, `expect_error`, `raw_label`: `from conftest import
 ...`) and the fixtures that several test files use (generated datasets, a small checkpoint in train.py's
-format)."""
+format), and one rule for every test: it leaves no child process behind."""
+import multiprocessing
 import os
 
 import numpy as np
@@ -77,6 +78,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """A test that leaves a child process running fails here, by name, and the process is killed. Python's
+    exit terminates leftover children with SIGTERM and then waits for them: a DataLoader worker that
+    ignores SIGTERM (train.py's do) would keep the whole test run from ever ending."""
+    yield
+    left = multiprocessing.active_children()
+    for process in left:
+        process.kill()
+        process.join()
+    assert not left, f"the test left {len(left)} child process(es) running: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import copy
 import errno
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -474,6 +475,9 @@ def test_damaged_data_met_by_a_worker(kind, tmp_path, monkeypatch):
     message = expect_error(train, "train_", *TINY, "--data-root", root, "--iters", 2, "--workers", 1,
                            "--output-dir", out, unchanged=tmp_path)
     assert "Traceback" not in message and "worker" not in message, message
+    # The worker ignores SIGTERM; left alive (the run's exception still holds its loader), it would make
+    # this very test process wait for it for ever at exit: train() ends it on its way out.
+    assert not multiprocessing.active_children(), multiprocessing.active_children()
 
 
 def test_checkpoint_with_other_prompt_tokens(fake_voc, finished_run, tmp_path):

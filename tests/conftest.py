@@ -2,6 +2,7 @@
 file means the same by (`assert_close`, `run_main`, `expect_error`, `raw_label`: `from conftest import
 ...`) and the fixtures that several test files use (generated datasets, a small checkpoint in train.py's
 format), and one rule for every test: it leaves no child process behind."""
+import gc
 import multiprocessing
 import os
 
@@ -84,8 +85,12 @@ def pytest_collection_modifyitems(config, items):
 def no_process_left_behind():
     """A test that leaves a child process running fails here, by name, and the process is killed. Python's
     exit terminates leftover children with SIGTERM and then waits for them: a DataLoader worker that
-    ignores SIGTERM (train.py's do) would keep the whole test run from ever ending."""
+    ignores SIGTERM (train.py's do) would keep the whole test run from ever ending. A loader that is
+    only kept by a reference cycle (a caught exception's traceback) is collected first: freeing its
+    iterator ends its workers, as it would in a program."""
     yield
+    if multiprocessing.active_children():
+        gc.collect()
     left = multiprocessing.active_children()
     for process in left:
         process.kill()

@@ -191,7 +191,7 @@ def sinkhorn_naive(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor 
     with torch.autocast(device_type=cost.device.type, enabled=False):
         cost = cost.to(dtype)
         mu, nu = _marginals(cost, a, b)
-        kernel = torch.exp(-cost / eps)                                  # (..., M, N)
+        kernel = torch.exp(cost / -eps)                                  # (..., M, N)
         alpha, beta = torch.ones_like(mu), torch.ones_like(nu)           # alpha^0 = 1, i.e. u = 0
         alpha, beta, iters = _iterate(_naive_block, (kernel, mu, nu), alpha, beta, eps, n_iters, tol,
                                       sync_free)
@@ -248,7 +248,7 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cost: Tensor, f: Tensor, g: Tensor, eps: float) -> Tensor:
         # f = u/eps (..., M, 1) and g = v/eps (..., 1, N), the converged potentials of sinkhorn_log
-        plan = torch.exp(-cost / eps + f + g)                              # (..., M, N)
+        plan = torch.exp(cost / -eps + f + g)                              # (..., M, N)
         ctx.save_for_backward(plan)
         ctx.eps = eps
         return plan
@@ -318,7 +318,9 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         # The release's update order (its `decode_seg.py`): both potentials start at 0, rows then columns.
         f, g = torch.zeros_like(log_mu), torch.zeros_like(log_nu)       # (..., M, 1), (..., 1, N)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not implicit_grad):  # implicit: no graph
-            log_kernel = -cost / eps                                       # A, (..., M, N)
+            # A = -C/eps written as C/(-eps): the same bits (IEEE division is sign-symmetric), one
+            # kernel instead of two (a negation, then a division), forward and backward
+            log_kernel = cost / -eps                                       # A, (..., M, N)
             f, g, iters = _iterate(sinkhorn_log_block, (log_kernel, log_mu, log_nu), f, g, eps, n_iters,
                                    tol, sync_free)
         if implicit_grad:

@@ -587,6 +587,31 @@ def test_resume_auto_starts_fresh_in_an_empty_folder_and_refuses_another_runs_ch
                  "--resume", "auto", unchanged=out)
 
 
+def test_sigterm_to_the_whole_job_with_data_workers_saves_and_leaves_no_process(fake_voc, tmp_path):
+    """A scheduler signals every process of a job, data-loading workers included: the workers ignore it,
+    the training process finishes its step, saves, exits with 143 and takes its workers with it."""
+    out = tmp_path / "preempted"
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--workers", "1", "--data-root", fake_voc,
+               "--iters", "1000", "--save-every", "1000", "--output-dir", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)   # a process group of its own: the job
+    wait_for_step(out, 3, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    stderr = finish(process, timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert saved == max(r["step"] for r in read_log(out) if "loss" in r) >= 3
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)       # is any process of the job still there?
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail("a process of the job outlived the training process")
+
+
 def same_weights(a, b) -> None:
     a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert a["step"] == b["step"]

@@ -2,7 +2,6 @@
 file means the same by (`assert_close`, `run_main`, `expect_error`, `raw_label`: `from conftest import
 ...`) and the fixtures that several test files use (generated datasets, a small checkpoint in train.py's
 format), and one rule for every test: it leaves no child process behind."""
-import gc
 import multiprocessing
 import os
 
@@ -83,19 +82,22 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def no_process_left_behind():
-    """A test that leaves a child process running fails here, by name, and the process is killed. Python's
-    exit terminates leftover children with SIGTERM and then waits for them: a DataLoader worker that
-    ignores SIGTERM (train.py's do) would keep the whole test run from ever ending. A loader that is
-    only kept by a reference cycle (a caught exception's traceback) is collected first: freeing its
-    iterator ends its workers, as it would in a program."""
+    """What Python's exit does to the child processes a test leaves (a DataLoader worker whose loader is
+    still held by a caught exception): SIGTERM, then wait. One that outlives SIGTERM (a worker that
+    ignores it, as train.py's do) would keep the whole test run from ever ending: it is killed here and
+    the test fails, by name."""
     yield
-    if multiprocessing.active_children():
-        gc.collect()
     left = multiprocessing.active_children()
     for process in left:
-        process.kill()
-        process.join()
-    assert not left, f"the test left {len(left)} child process(es) running: {left}"
+        process.terminate()
+    stuck = []
+    for process in left:
+        process.join(timeout=10)
+        if process.is_alive():
+            stuck.append(process)
+            process.kill()
+            process.join()
+    assert not stuck, f"the test left {len(stuck)} child process(es) that SIGTERM does not end: {stuck}"
 
 
 @pytest.fixture(scope="module")

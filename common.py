@@ -1,4 +1,5 @@
-"""common.py -- what every program of the project shares: processes, printing, mixed precision, saving.
+"""common.py -- what every program of the project shares: processes, printing, mixed precision, data-loading
+workers under stop signals, saving.
 
 train.py, evaluate.py and the benchmarks run as one process (`python train.py ...`) or as many under
 torchrun (`torchrun --nproc_per_node 4 train.py ...`). torchrun tells each process who it is through
@@ -10,6 +11,7 @@ Nothing here is specific to OTSeg; a reader copying a chapter does not need it.
 """
 import inspect
 import os
+import signal
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
@@ -102,6 +104,32 @@ def close_distributed() -> None:
     work.wait()
     dist.destroy_process_group()
     del work  # only after the group is gone (see above)
+
+
+# SIGTERM (what a scheduler sends every process of a job before it preempts it) and ^C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader's worker_init_fn: data-loading workers leave SIGTERM and ^C to the process they
+    serve. A scheduler signals every process of a job; a worker killed by it would end the training
+    process's last step and final save (train.py's StopSignal), or the evaluation in progress, with
+    "DataLoader worker is killed by signal". A worker whose main process has gone ends by itself
+    (torch's watchdog looks every 5 s)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def stop_workers(batches) -> None:
+    """End a DataLoader iterator's workers now (nothing with 0 workers), in a `finally` of the loop.
+
+    Workers that ignore SIGTERM must not outlive the loop: where the loop's exception is still held (a
+    notebook, a test, or a program's own `except ... as error` that keeps the traceback in a reference
+    cycle), Python's exit ends leftover workers with SIGTERM and then waits for them, for ever.
+    `_shutdown_workers` is torch's own clean shutdown, the one it runs when the iterator is freed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -52,7 +52,8 @@ import checkpoint
 import clip
 import data
 import visualize
-from common import atomic_save, autocast, close_distributed, print0, setup_distributed
+from common import (atomic_save, autocast, close_distributed, ignore_stop_signals, print0, setup_distributed,
+                    stop_workers)
 from model import OTSeg
 
 
@@ -191,21 +192,26 @@ def evaluate(model: nn.Module, dataset, class_names: list[str], seen: torch.Tens
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=range(rank, count, world), num_workers=workers,
         collate_fn=first_item, pin_memory=device.type == "cuda",  # pinned: the copies below overlap
-        generator=torch.Generator())  # own generator: training RNG untouched
+        generator=torch.Generator(),  # own generator: training RNG untouched
+        worker_init_fn=ignore_stop_signals)  # a stop signal is for this process to obey (common.py)
     conf = {name: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
             for name in ("OTSeg", "OTSeg+")}
     was_training = model.training
     model.eval()
     start = time.time()
-    for i, sample in enumerate(loader):
-        image = sample["image"].to(device, non_blocking=True)  # (3, h, w) resized and normalised
-        label = sample["label"].to(device, non_blocking=True)  # (H0, W0) at the original size
-        probs = slide_inference(predict, image, window["crop"], window["stride"], window_batch)
-        for name, p in probs.items():  # (K, h, w) -> (K, H0, W0) -> (H0, W0)
-            p = F.interpolate(p[None], size=label.shape[-2:], mode="bilinear", align_corners=False)
-            conf[name] += confusion_matrix(p[0].argmax(0), label, num_classes)
-        if progress and rank == 0 and (i + 1) % 50 == 0:
-            print0(f"  evaluated {(i + 1) * world}/{count} images, {time.time() - start:.0f} s")
+    batches = iter(loader)
+    try:
+        for i, sample in enumerate(batches):
+            image = sample["image"].to(device, non_blocking=True)  # (3, h, w) resized and normalised
+            label = sample["label"].to(device, non_blocking=True)  # (H0, W0) at the original size
+            probs = slide_inference(predict, image, window["crop"], window["stride"], window_batch)
+            for name, p in probs.items():  # (K, h, w) -> (K, H0, W0) -> (H0, W0)
+                p = F.interpolate(p[None], size=label.shape[-2:], mode="bilinear", align_corners=False)
+                conf[name] += confusion_matrix(p[0].argmax(0), label, num_classes)
+            if progress and rank == 0 and (i + 1) % 50 == 0:
+                print0(f"  evaluated {(i + 1) * world}/{count} images, {time.time() - start:.0f} s")
+    finally:
+        stop_workers(batches)
     model.train(was_training)
     results = {}
     for name, matrix in conf.items():

@@ -37,7 +37,8 @@ no directory behind that holds nothing but the log of the failed start.
 
 Faults of long runs (StopSignal, Divergence below). SIGTERM or ^C (a scheduler's preemption; torchrun
 passes its own on to the workers): the step in progress is finished, every process agrees, ckpt.pt is
-written at that step, and the program exits with 143 or 130. A loss that is not finite: the run stops
+written at that step, and the program exits with 143 or 130 (data-loading workers ignore the signal;
+one that comes during an evaluation, --eval-every, is obeyed when the evaluation has ended). A loss that is not finite: the run stops
 with one `error:` line at the next logged step (at most --log-every steps late) and writes no
 checkpoint, so the last good ckpt.pt and iter_N.pt stay. A checkpoint that cannot be written (a full
 disk): one line naming the folder, every process stops, the previous file stays (atomic writes).
@@ -64,7 +65,8 @@ import clip
 import data
 import evaluate
 import losses
-from common import autocast, close_distributed, print0, setup_distributed
+from common import (STOP_SIGNALS, autocast, close_distributed, ignore_stop_signals, print0, setup_distributed,
+                    stop_workers)
 from model import OTSeg, trainable_parameters
 from mpsa import MATCHINGS
 
@@ -415,29 +417,9 @@ def make_loader(train_set, batch_size: int, micro_batch: int, rank: int, world_s
         persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Data-loading workers leave SIGTERM and ^C to their training process (StopSignal below): a
-    scheduler signals every process of a job, and a worker killed by it would abort the final save."""
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
-
-
-def stop_workers(batches) -> None:
-    """End the loader's persistent workers now, however the loop ended. Workers that ignore SIGTERM must
-    not outlive train(): where the run's exception is still held (a notebook or a test that catches the
-    SystemExit), Python's exit ends leftover workers with SIGTERM and then waits for them, for ever.
-    `_shutdown_workers` is torch's own clean shutdown, the one it runs when the iterator is freed."""
-    shutdown = getattr(batches, "_shutdown_workers", None)  # absent with --workers 0
-    if shutdown is not None:
-        shutdown()
-
-
 # ----------------------------------------------------------------------------------------------
 # Faults a long run meets: a stop signal, a diverging loss, a failed write
 # ----------------------------------------------------------------------------------------------
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 class StopSignal:
     """SIGTERM (a scheduler's preemption, torchrun passing on its own) or ^C is noted, not obeyed at once:

@@ -5,6 +5,7 @@ and user errors as one line. CPU, small random CLIP, generated data.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -167,6 +168,36 @@ def test_two_processes_give_exactly_the_one_process_confusion_matrix(checkpoint,
     two = json.load(open(out))["results"]
     for name in ("OTSeg", "OTSeg+"):
         assert two[name]["confusion"] == one[name]["confusion"], name
+
+
+class SignalsItsWorker(torch.utils.data.Dataset):
+    """A dataset whose every read in a DataLoader worker first sends that worker SIGTERM, as a scheduler
+    sends it to every process of a job it preempts."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.dataset[index]
+
+
+def test_a_stop_signal_to_the_data_workers_leaves_the_evaluation_whole(checkpoint, fake_root):
+    """The workers leave SIGTERM to the process they serve (train.py obeys it once the evaluation at
+    that step is done): the evaluation ends with the confusion matrices of a run without workers."""
+    path, model = checkpoint
+    preset = data.get_preset("voc", 64)
+    dataset = data.SegmentationDataset(preset, fake_root["voc"], "val", "fully", transform=data.test_transform(preset))
+    seen = data.seen_mask(len(preset["classes"]), preset["unseen"])
+    args = (list(preset["classes"]), seen, True, dict(crop=(64, 64), stride=(40, 40)), CPU)
+    alone = evaluate.evaluate(model, dataset, *args, workers=0, progress=False)
+    signalled = evaluate.evaluate(model, SignalsItsWorker(dataset), *args, workers=1, progress=False)
+    for name in ("OTSeg", "OTSeg+"):
+        assert signalled[name]["confusion"] == alone[name]["confusion"], name
 
 
 @pytest.fixture

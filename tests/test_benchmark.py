@@ -161,6 +161,21 @@ def test_kernel_launches_count_the_operators_that_do_work_and_not_views_or_alloc
     assert launches.n == 3, launches.n
 
 
+def test_an_operator_of_several_kernels_counts_what_the_profiler_sees_it_run():
+    """logsumexp's ATen function calls other operators (amax, sub, exp_, ...): the profiler records them
+    as its children; those that do work (not views such as `real`, not allocations) are its kernels."""
+    x = torch.randn(4, 16, 3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        torch.logsumexp(x, dim=-1, keepdim=True)
+    innermost = [e for e in profiler.events() if e.name == "aten::logsumexp"
+                 and not any(c.name == "aten::logsumexp" for c in e.cpu_children)]
+    children = [c.name for c in innermost[0].cpu_children if c.name not in ("aten::real", "aten::empty")]
+    assert len(children) == benchmark.SEVERAL_KERNELS[torch.ops.aten.logsumexp.default], children
+    with benchmark.KernelLaunches() as launches:
+        torch.logsumexp(x, dim=-1, keepdim=True)
+    assert launches.n == len(children)
+
+
 def test_run_every_iteration_makes_sinkhorn_run_all_of_its_iterations():
     cost = 1 - benchmark.similarity_problems(4, 32, 3)
     _, stopped = sinkhorn.sinkhorn_log(cost, 0.05, return_iters=True)

@@ -265,7 +265,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     stats.add_argument('--data-root', required=True, help='the dataset folder (or a folder above it)')
     stats.add_argument('--split', default='train', choices=['train', 'val'])
     stats.add_argument('--max-images', type=positive_int, default=None, help='count only the first N images')
-    stats.add_argument('--samples', metavar='DIR', help='also write 4 samples as the inductive model sees them')
+    stats.add_argument('--samples', metavar='DIR', help='also write 4 samples as the inductive model sees them (with --split train)')
     voc = commands.add_parser('prepare-voc-aug', help='SBD -> SegmentationClassAug, aug.txt, trainaug.txt')
     voc.add_argument('voc_root', metavar='VOC2012')
     voc.add_argument('sbd_root', metavar='BENCHMARK_RELEASE')

@@ -163,17 +163,26 @@ def test_kernel_launches_count_the_operators_that_do_work_and_not_views_or_alloc
 
 def test_an_operator_of_several_kernels_counts_what_the_profiler_sees_it_run():
     """logsumexp's ATen function calls other operators (amax, sub, exp_, ...): the profiler records them
-    as its children; those that do work (not views such as `real`, not allocations) are its kernels."""
+    below it. The distinct ones that do work are its kernels: not allocations, views, the out= variant
+    a functional operator calls (the same name again), nor the CPU's output fills and scalar copies,
+    which a CUDA reduction or comparison does inside its one kernel. (Which event holds which differs
+    between torch versions and runs: the profiler nests them by time, so the names are collected at
+    every depth below every logsumexp event.)"""
     x = torch.randn(4, 16, 3)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         torch.logsumexp(x, dim=-1, keepdim=True)
-    innermost = [e for e in profiler.events() if e.name == "aten::logsumexp"
-                 and not any(c.name == "aten::logsumexp" for c in e.cpu_children)]
-    children = [c.name for c in innermost[0].cpu_children if c.name not in ("aten::real", "aten::empty")]
-    assert len(children) == benchmark.SEVERAL_KERNELS[torch.ops.aten.logsumexp.default], children
+    def below(event):
+        for child in event.cpu_children:
+            yield child.name
+            yield from below(child)
+    bookkeeping = {"aten::logsumexp", "aten::empty", "aten::empty_strided", "aten::real", "aten::as_strided",
+                   "aten::fill_", "aten::to", "aten::_to_copy", "aten::copy_"}
+    kernels = {name for event in profiler.events() if event.name == "aten::logsumexp"
+               for name in below(event)} - bookkeeping
+    assert len(kernels) == benchmark.SEVERAL_KERNELS[torch.ops.aten.logsumexp.default], sorted(kernels)
     with benchmark.KernelLaunches() as launches:
         torch.logsumexp(x, dim=-1, keepdim=True)
-    assert launches.n == len(children)
+    assert launches.n == len(kernels)
 
 
 def test_run_every_iteration_makes_sinkhorn_run_all_of_its_iterations():

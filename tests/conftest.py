@@ -100,6 +100,14 @@ def no_process_left_behind():
     assert not stuck, f"the test left {len(stuck)} child process(es) that SIGTERM does not end: {stuck}"
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The last guard of the run's end: a child process still alive now (one a module's fixture left,
+    which no test's check above saw) is killed, since Python's exit would wait for it."""
+    for process in multiprocessing.active_children():
+        process.kill()
+        process.join()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The transforms run in DataLoader workers, which use one thread each; so do the data tests (on a busy

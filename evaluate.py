@@ -210,9 +210,9 @@ def evaluate(model: nn.Module, dataset, class_names: list[str], seen: torch.Tens
                 conf[name] += confusion_matrix(p[0].argmax(0), label, num_classes)
             if progress and rank == 0 and (i + 1) % 50 == 0:
                 print0(f"  evaluated {(i + 1) * world}/{count} images, {time.time() - start:.0f} s")
-    finally:
+    finally:  # however the loop ends: no worker left running, the model in the mode it came in
         stop_workers(batches)
-    model.train(was_training)
+        model.train(was_training)
     results = {}
     for name, matrix in conf.items():
         if dist.is_initialized():

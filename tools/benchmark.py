@@ -806,8 +806,9 @@ def bench_kernels(device: torch.device, quick: bool, sizes: dict = VIT_B_16, siz
     table.note = (f"Goal: OTSeg+'s eager step within {KERNEL_GOAL:g}x the softmax model's kernels: "
                   + "; ".join(verdicts) + ". Counted as the operators that do work (KernelLaunches): views "
                   "and allocations launch nothing, logsumexp counts its nine, a multi-tensor or cuDNN operator "
-                  "once. The sync-free Sinkhorn always runs its 100 iterations. The tower's step: its forward and the "
-                  "backward to its input, which OTSeg's prompt gradients cross (it has no weights to train).")
+                  "once. The sync-free Sinkhorn always runs its 100 iterations. The tower's step: its forward "
+                  "and the backward to its input, which OTSeg's prompt gradients cross (it has no weights to "
+                  "train).")
     return table
 
 

@@ -31,13 +31,21 @@ C > 0.83 at OTSeg's eps 0.05), a row of K becomes 0 and the plan gets NaN rows. 
 log-sum-exp and never leaves the representable range. OTSeg uses the log-domain form; both are
 here side by side so the difference can be seen (`python sinkhorn.py`).
 
-In the code the log-domain potentials are kept in units of eps, f = u/eps and g = v/eps, and
-A = -C/eps is computed once. Since LSE_n(A_mn + f_m + g_n) = f_m + LSE_n(A_mn + g_n), the row
-update u + eps (log mu - LSE_n((u + v - C)/eps)) is simply
+In the code the iterate is neither u nor v but the log-plan itself,
+P = log T = (u 1^T + 1 v^T - C)/eps, which starts at P = -C/eps (u = v = 0). The row update adds
+eps (log mu - LSE_n(P)) to u, that is log mu - LSE_n(P) to every entry of a row of P, and the
+column update does the same over columns:
 
-    f <- log mu - LSE_n(A + g),      g <- log nu - LSE_m(A + f),      T = exp(A + f + g):
+    P <- P - LSE_n(P) + log mu = log_softmax_n(P) + log mu        (now the rows sum to mu)
+    P <- log_softmax_m(P) + log nu                                 (now the columns sum to nu)
 
-the same iterates in exact arithmetic, with fewer passes over (M, N) tensors per iteration.
+Log-domain Sinkhorn is normalising the rows and the columns of log T in turn. These are the
+potentials' iterates in exact arithmetic, and cheaper ones to run: log_softmax is one kernel forward
+and one backward on a GPU, where a log-sum-exp over (u + v - C)/eps, written out with the additions
+around it, is about a dozen (docs/benchmarks.md, "CUDA kernels"). The rounding differs: the
+potentials' form rebuilds (u + v - C)/eps from the exact C at every step, while P carries the
+rounding of each step forward. In float32 the plan stays within about 1e-6 of its largest entry
+(against float64) after 5 iterations and 6e-6 after 100 (2e-6 for the potentials' form).
 
 Multi-Prompts Sinkhorn (paper Eq. 9-10): with sim (M, N) the cosine similarities between pixels
 and prompts, C = 1 - sim, uniform marginals 1/M and 1/N and eps = 0.05,
@@ -61,7 +69,7 @@ Why a sync-free form (`sync_free=True`). To stop, the loop must read the converg
 host; on a GPU that read is a synchronisation (the CPU waits for the GPU, then the GPU waits for
 the CPU's next launches), and under torch.compile it ends the graph. The sync-free form runs every
 block of iterations, evaluates the same test on the device, and from the block where it holds keeps
-the potentials unchanged with torch.where: the plan, the iteration count and both gradients are
+the iterate unchanged with torch.where: the plan, the iteration count and both gradients are
 the eager loop's, exactly. The price: every call computes all `n_iters` iterations (the ones
 after convergence are discarded), the unrolled gradient keeps them all for the backward pass, and
 torch.compile unrolls them all into its graph (compiling takes minutes). Use it where launches and
@@ -86,10 +94,10 @@ from torch import Tensor
 # release stops after 4-5 iterations, so 5 usually stops where it does.
 CHECK_EVERY = 5
 
-# A block: (*fixed inputs, first potential, second, n) -> (first, second, err) after n iterations, err
-# the mean |f - f_prev| of the last iteration's row potential f = u/eps, as a tensor (what the
-# stopping rule reads).
-Block = Callable[..., tuple[Tensor, Tensor, Tensor]]
+# A block: (*fixed inputs, *iterate, n) -> (*iterate, err) after n iterations; the iterate is the
+# log-plan P for the log form, the scalings (alpha, beta) for the scaling form; err is the mean
+# |f - f_prev| of the last iteration's row potential f = u/eps, as a tensor (what the stopping rule reads).
+Block = Callable[..., tuple[Tensor, ...]]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -117,34 +125,35 @@ def _converged(err: Tensor, eps: float, tol: float) -> Tensor:
     return eps * err < tol
 
 
-def _iterate(block: Block, inputs: tuple[Tensor, ...], x: Tensor, y: Tensor, eps: float, n_iters: int,
-             tol: float, sync_free: bool) -> tuple[Tensor, Tensor, int | Tensor]:
-    """Up to n_iters iterations from (x, y) as `block(*inputs, x, y, n)` calls of CHECK_EVERY each,
-    stopping by `_converged` after a block: the loop of both forms. Returns (x, y, iterations run).
+def _iterate(block: Block, inputs: tuple[Tensor, ...], state: tuple[Tensor, ...], eps: float, n_iters: int,
+             tol: float, sync_free: bool) -> tuple[tuple[Tensor, ...], int | Tensor]:
+    """Up to n_iters iterations from `state` as `block(*inputs, *state, n)` calls of CHECK_EVERY each,
+    stopping by `_converged` after a block: the loop of both forms. Returns (state, iterations run).
 
     Eager: the test is read on the host after every block but the last (one sync each; none when
     tol = 0, which never stops) and the loop breaks; the count is an int. Sync-free: every block
-    runs; the test stays on the device as `done`, and once it holds torch.where keeps (x, y) as they
-    were, so the result is the eager one; the count is a 0-d tensor.
+    runs; the test stays on the device as `done`, and once it holds torch.where keeps the state as
+    it was, so the result is the eager one; the count is a 0-d tensor.
     """
     if not sync_free:
         it = 0
         while it < n_iters:  # the last block may be shorter
             n = min(CHECK_EVERY, n_iters - it)
-            x, y, err = block(*inputs, x, y, n)
+            *state, err = block(*inputs, *state, n)
             it += n
             if tol > 0 and it < n_iters and bool(_converged(err, eps, tol)):  # one host sync per block
                 break
-        return x, y, it
-    done = torch.zeros((), dtype=torch.bool, device=x.device)
-    iters = torch.zeros((), dtype=torch.long, device=x.device)
+        return tuple(state), it
+    done = torch.zeros((), dtype=torch.bool, device=state[0].device)
+    iters = torch.zeros((), dtype=torch.long, device=state[0].device)
     for start in range(0, n_iters, CHECK_EVERY):
         n = min(CHECK_EVERY, n_iters - start)
-        x_new, y_new, err = block(*inputs, x, y, n)
-        x, y = torch.where(done, x, x_new), torch.where(done, y, y_new)  # converged: keep, as a break would
+        *new, err = block(*inputs, *state, n)
+        # converged: keep the state, as a break would
+        state = tuple(torch.where(done, old, x) for old, x in zip(state, new))
         iters = iters + n * (~done).long()
         done = done | _converged(err, eps, tol)
-    return x, y, iters
+    return state, iters
 
 
 # ----------------------------------------------------------------------------- the two forms
@@ -193,31 +202,34 @@ def sinkhorn_naive(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor 
         mu, nu = _marginals(cost, a, b)
         kernel = torch.exp(cost / -eps)                                  # (..., M, N)
         alpha, beta = torch.ones_like(mu), torch.ones_like(nu)           # alpha^0 = 1, i.e. u = 0
-        alpha, beta, iters = _iterate(_naive_block, (kernel, mu, nu), alpha, beta, eps, n_iters, tol,
-                                      sync_free)
+        (alpha, beta), iters = _iterate(_naive_block, (kernel, mu, nu), (alpha, beta), eps, n_iters, tol,
+                                        sync_free)
         plan = alpha.unsqueeze(-1) * kernel * beta.unsqueeze(-2)         # (..., M, N)
     return (plan, iters) if return_iters else plan
 
 
-def sinkhorn_log_block(log_kernel: Tensor, log_mu: Tensor, log_nu: Tensor, f: Tensor, g: Tensor,
-                       n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """n log-domain iterations from (f, g): the work between two convergence tests.
+def sinkhorn_log_block(log_mu: Tensor, log_nu: Tensor, log_plan_t: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """n log-domain iterations from the log-plan: the work between two convergence tests.
 
-    A (..., M, N), log mu (..., M, 1), log nu (..., 1, N), f (..., M, 1), g (..., 1, N) -> the new
-    f and g, and the error the stopping rule reads: mean |f - f_prev| of the last iteration, as a
-    tensor. Pure tensor code with no host synchronisation, so torch.compile captures the n unrolled
-    iterations as one graph. The error is computed once, after the last iteration: the test reads
-    nothing else (three kernels saved on each of the others).
+    The log-plan is held transposed, P^T (..., N, M), with log mu (..., 1, M) and log nu (..., N, 1):
+    both normalisations then run over memory laid out in rows of M numbers, several times faster on
+    a CPU than over runs of N = 6 or 8 (and coalesced on a GPU). Returns the new P^T, and the error
+    the stopping rule reads, as a tensor: mean |f - f_prev| of the last iteration, f = u/eps the row
+    potential, which that iteration's row update moves by log mu - LSE_n(P) (module docstring). The
+    error is computed once, before the last iteration, on P^T detached (the test is not
+    differentiated). Pure tensor code with no host synchronisation, so torch.compile captures the n
+    unrolled iterations as one graph.
     """
-    for _ in range(n):
-        f_prev = f
-        f = log_mu - torch.logsumexp(log_kernel + g, dim=-1, keepdim=True)  # (..., M, 1)
-        g = log_nu - torch.logsumexp(log_kernel + f, dim=-2, keepdim=True)  # (..., 1, N)
-    return f, g, (f - f_prev).abs().mean()
+    for i in range(n):
+        if i == n - 1:  # the only iteration whose error the test reads
+            err = (log_mu - torch.logsumexp(log_plan_t.detach(), dim=-2, keepdim=True)).abs().mean()
+        log_plan_t = torch.log_softmax(log_plan_t, dim=-2) + log_mu  # rows of T sum to mu,    (..., N, M)
+        log_plan_t = torch.log_softmax(log_plan_t, dim=-1) + log_nu  # columns sum to nu,      (..., N, M)
+    return log_plan_t, err
 
 
 class _PlanWithImplicitGradient(torch.autograd.Function):
-    r"""T = exp((u 1^T + 1 v^T - C)/eps) at converged potentials, differentiated implicitly in C.
+    r"""T = exp(P) at the converged log-plan P, differentiated implicitly in the cost C.
 
     The memory-light alternative to backpropagating through the unrolled iterations, which keeps
     every iterate alive. At the fixed point the plan satisfies its marginal constraints
@@ -246,9 +258,10 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cost: Tensor, f: Tensor, g: Tensor, eps: float) -> Tensor:
-        # f = u/eps (..., M, 1) and g = v/eps (..., 1, N), the converged potentials of sinkhorn_log
-        plan = torch.exp(cost / -eps + f + g)                              # (..., M, N)
+    def forward(ctx, cost: Tensor, log_plan: Tensor, eps: float) -> Tensor:
+        # log_plan (..., M, N): sinkhorn_log's iterations from this cost, run without a graph; the cost
+        # is an input so that the gradient below reaches it (the plan is a view when log_plan is one)
+        plan = torch.exp(log_plan)                                         # (..., M, N)
         ctx.save_for_backward(plan)
         ctx.eps = eps
         return plan
@@ -271,7 +284,7 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
                 y[..., :-1] = torch.linalg.solve_ex(schur[..., :-1, :-1], rhs[..., :-1])[0]
             x = (r - (plan @ y.unsqueeze(-1)).squeeze(-1)) / a             # (..., M)
             grad_cost = plan * (x.unsqueeze(-1) + y.unsqueeze(-2) - grad_plan) / ctx.eps
-        return grad_cost, None, None, None
+        return grad_cost, None, None
 
 
 def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | None = None,
@@ -284,10 +297,10 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         v \leftarrow v + \epsilon\,(\log\nu - \mathrm{LSE}_m((u + v - C)/\epsilon)),\quad
         T = e^{(u 1^\top + 1 v^\top - C)/\epsilon}
 
-    with u = v = 0 at the start (computed as f = u/eps and g = v/eps: module docstring). Each
-    update is an exact maximisation of the dual objective over one potential; since v is updated
-    last, the column sums of T equal nu to rounding and the row sums approach mu. This is the form
-    OTSeg uses (eps 0.05, at most 100 iterations, tol 1e-6).
+    with u = v = 0 at the start, computed on the log-plan P = log T as alternating row and column
+    log_softmax (module docstring). Each update is an exact maximisation of the dual objective over
+    one potential; since v is updated last, the column sums of T equal nu to rounding and the row
+    sums approach mu. This is the form OTSeg uses (eps 0.05, at most 100 iterations, tol 1e-6).
 
     Args:
         cost: (..., M, N) cost matrix C.
@@ -304,29 +317,31 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         sync_free: test convergence on the device, never on the host: the same plan and
             gradients, for torch.compile and CUDA graphs (module docstring).
     Returns:
-        plan T (..., M, N) in float32 (float64 for float64 input), and the iteration count if asked
-        (an int; a 0-d tensor when sync_free).
+        plan T (..., M, N) in float32 (float64 for float64 input), stored transposed (a view of an
+        (..., N, M) tensor; `.contiguous()` if you need M x N memory), and the iteration count if
+        asked (an int; a 0-d tensor when sync_free).
     """
     dtype = working_dtype(cost)
     with torch.autocast(device_type=cost.device.type, enabled=False):
         cost = cost.to(dtype)
         mu, nu = _marginals(cost, a, b)
         # The release adds 1e-8 inside these logs (a ~1e-5 relative change); not needed here.
-        log_mu, log_nu = mu.log().unsqueeze(-1), nu.log().unsqueeze(-2)  # (..., M, 1), (..., 1, N)
+        log_mu, log_nu = mu.log().unsqueeze(-2), nu.log().unsqueeze(-1)  # (..., 1, M), (..., N, 1)
         if implicit_grad and (log_mu.requires_grad or log_nu.requires_grad):
             raise ValueError("implicit_grad differentiates the cost only; a and b must not require grad")
-        # The release's update order (its `decode_seg.py`): both potentials start at 0, rows then columns.
-        f, g = torch.zeros_like(log_mu), torch.zeros_like(log_nu)       # (..., M, 1), (..., 1, N)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not implicit_grad):  # implicit: no graph
-            # A = -C/eps written as C/(-eps): the same bits (IEEE division is sign-symmetric), one
-            # kernel instead of two (a negation, then a division), forward and backward
-            log_kernel = cost / -eps                                       # A, (..., M, N)
-            f, g, iters = _iterate(sinkhorn_log_block, (log_kernel, log_mu, log_nu), f, g, eps, n_iters,
-                                   tol, sync_free)
+            # The release's start and order (its `decode_seg.py`): both potentials 0, so P = -C/eps,
+            # then rows before columns. -C/eps is written C/(-eps): the same bits (IEEE division is
+            # sign-symmetric) in one kernel instead of two, forward and backward. P is held
+            # transposed (sinkhorn_log_block says why): one copy here, none in the loop.
+            log_plan_t = (cost / -eps).transpose(-2, -1).contiguous()      # P^T, (..., N, M)
+            (log_plan_t,), iters = _iterate(sinkhorn_log_block, (log_mu, log_nu), (log_plan_t,), eps,
+                                            n_iters, tol, sync_free)
+        log_plan = log_plan_t.transpose(-2, -1)                            # P, (..., M, N), a view
         if implicit_grad:
-            plan = _PlanWithImplicitGradient.apply(cost, f, g, eps)        # (..., M, N)
+            plan = _PlanWithImplicitGradient.apply(cost, log_plan, eps)   # (..., M, N)
         else:
-            plan = torch.exp(log_kernel + f + g)                           # (..., M, N)
+            plan = torch.exp(log_plan)                                     # (..., M, N)
     return (plan, iters) if return_iters else plan
 
 

@@ -63,15 +63,15 @@ def test_block_of_iterations_compiles_as_one_graph():
     # fullgraph=True raises at the first graph break; the "eager" backend checks the capture only
     # (no code generation), so this stays fast on a CPU.
     cost = cost_matrix()
-    log_mu, log_nu = torch.full((3, 20, 1), 1 / 20).log(), torch.full((3, 1, 4), 1 / 4).log()
-    args = (-cost / 0.05, log_mu, log_nu, torch.zeros_like(log_mu), torch.zeros_like(log_nu), CHECK_EVERY)
+    log_mu, log_nu = torch.full((3, 1, 20), 1 / 20).log(), torch.full((3, 4, 1), 1 / 4).log()
+    args = (log_mu, log_nu, (-cost / 0.05).mT.contiguous(), CHECK_EVERY)  # the block's layout, (..., N, M)
     torch._dynamo.reset()
     compiled = torch.compile(sinkhorn_log_block, fullgraph=True, backend="eager")(*args)
-    for name, got, expected in zip(("f", "g", "err"), compiled, sinkhorn_log_block(*args)):
+    for name, got, expected in zip(("log-plan", "err"), compiled, sinkhorn_log_block(*args)):
         assert_close(got, expected, what=f"compiled block, {name}")
     # the block is the loop's work: CHECK_EVERY of its iterations are sinkhorn_log's first CHECK_EVERY
-    f, g, _ = sinkhorn_log_block(*args)
-    assert_close(torch.exp(args[0] + f + g), sinkhorn_log(cost, 0.05, n_iters=CHECK_EVERY, tol=0),
+    log_plan, _ = sinkhorn_log_block(*args)
+    assert_close(torch.exp(log_plan).mT, sinkhorn_log(cost, 0.05, n_iters=CHECK_EVERY, tol=0),
                  what="block vs sinkhorn_log")
 
 

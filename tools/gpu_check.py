@@ -634,7 +634,7 @@ def stage_mfu(run: Run, out: dict) -> None:
     """Model FLOPs of a VOC training step over its time and the card's bf16 peak, three ways.
 
     train.py's step at micro-batch 4 in eager mode is bound by kernel launches, not by its FLOPs: some
-    2,000 CUDA kernels in bf16 (about 15,000 while Sinkhorn runs all its iterations; `python -m
+    1,500 CUDA kernels in bf16 (about 4,800 while Sinkhorn runs all its iterations; `python -m
     tools.benchmark --only kernels`) for 2 TFLOP, which the tensor cores need under 6 ms for, so a few
     microseconds per launch cost as much or more. It is reported as that. MFU means something at the
     largest micro-batch the capacity stage found (4 without it), eager and compiled as train.py

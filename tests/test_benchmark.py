@@ -185,6 +185,21 @@ def test_an_operator_of_several_kernels_counts_what_the_profiler_sees_it_run():
     assert launches.n == len(kernels)
 
 
+def test_a_log_domain_sinkhorn_iteration_is_six_kernels_forward_and_backward():
+    """By hand: per iteration, two log_softmax and two additions of the log-marginals forward, two
+    log_softmax backward (an addition's gradient passes through unchanged): 6. Counted as the
+    difference between blocks of 4 and 3 iterations, so that what a block does once cancels."""
+    cost = torch.rand(2, 10, 4, requires_grad=True)
+    log_mu, log_nu = torch.full((2, 1, 10), 0.1).log(), torch.full((2, 4, 1), 0.25).log()
+
+    def count(n: int) -> int:
+        with benchmark.KernelLaunches() as launches:
+            log_plan, _ = sinkhorn.sinkhorn_log_block(log_mu, log_nu, (cost / -0.05).mT, n)
+            torch.autograd.grad(log_plan.sum(), cost)
+        return launches.n
+    assert count(4) - count(3) == 6, (count(3), count(4))
+
+
 def test_run_every_iteration_makes_sinkhorn_run_all_of_its_iterations():
     cost = 1 - benchmark.similarity_problems(4, 32, 3)
     _, stopped = sinkhorn.sinkhorn_log(cost, 0.05, return_iters=True)

@@ -39,13 +39,14 @@ column update does the same over columns:
     P <- P - LSE_n(P) + log mu = log_softmax_n(P) + log mu        (now the rows sum to mu)
     P <- log_softmax_m(P) + log nu                                 (now the columns sum to nu)
 
-Log-domain Sinkhorn is normalising the rows and the columns of log T in turn. These are the
-potentials' iterates in exact arithmetic, and cheaper ones to run: log_softmax is one kernel forward
-and one backward on a GPU, where a log-sum-exp over (u + v - C)/eps, written out with the additions
-around it, is about a dozen (docs/benchmarks.md, "CUDA kernels"). The rounding differs: the
-potentials' form rebuilds (u + v - C)/eps from the exact C at every step, while P carries the
-rounding of each step forward. In float32 the plan stays within about 1e-6 of its largest entry
-(against float64) after 5 iterations and 6e-6 after 100 (2e-6 for the potentials' form).
+Log-domain Sinkhorn is normalising the rows and the columns of T in turn, in logarithms. These are
+the potentials' iterates in exact arithmetic, and cheaper ones to run: a half-step is 3 kernels on
+a GPU (a log_softmax and an addition forward, the log_softmax backward), where the potentials' form,
+a log-sum-exp of (u + v - C)/eps with the additions around it, is about 17 (docs/benchmarks.md,
+"CUDA kernels"). The rounding differs: the potentials' form rebuilds (u + v - C)/eps from the exact
+C at every step, while P carries the rounding of each step forward. In float32 the plan stays within
+about 1e-6 of its largest entry (against float64) after 5 iterations; the difference grows with the
+iterations to a plateau near 1e-5 at OTSeg's sizes (2e-6 throughout for the potentials' form).
 
 Multi-Prompts Sinkhorn (paper Eq. 9-10): with sim (M, N) the cosine similarities between pixels
 and prompts, C = 1 - sim, uniform marginals 1/M and 1/N and eps = 0.05,
@@ -216,13 +217,14 @@ def sinkhorn_log_block(log_mu: Tensor, log_nu: Tensor, log_plan_t: Tensor, n: in
     a CPU than over runs of N = 6 or 8 (and coalesced on a GPU). Returns the new P^T, and the error
     the stopping rule reads, as a tensor: mean |f - f_prev| of the last iteration, f = u/eps the row
     potential, which that iteration's row update moves by log mu - LSE_n(P) (module docstring). The
-    error is computed once, before the last iteration, on P^T detached (the test is not
+    error is computed once (n >= 1), before the last iteration, without a graph (the test is not
     differentiated). Pure tensor code with no host synchronisation, so torch.compile captures the n
     unrolled iterations as one graph.
     """
     for i in range(n):
         if i == n - 1:  # the only iteration whose error the test reads
-            err = (log_mu - torch.logsumexp(log_plan_t.detach(), dim=-2, keepdim=True)).abs().mean()
+            with torch.no_grad():
+                err = (log_mu - torch.logsumexp(log_plan_t, dim=-2, keepdim=True)).abs().mean()
         log_plan_t = torch.log_softmax(log_plan_t, dim=-2) + log_mu  # rows of T sum to mu,    (..., N, M)
         log_plan_t = torch.log_softmax(log_plan_t, dim=-1) + log_nu  # columns sum to nu,      (..., N, M)
     return log_plan_t, err
@@ -260,7 +262,7 @@ class _PlanWithImplicitGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cost: Tensor, log_plan: Tensor, eps: float) -> Tensor:
         # log_plan (..., M, N): sinkhorn_log's iterations from this cost, run without a graph; the cost
-        # is an input so that the gradient below reaches it (the plan is a view when log_plan is one)
+        # is an input so that the gradient below reaches it (the plan has log_plan's strides)
         plan = torch.exp(log_plan)                                         # (..., M, N)
         ctx.save_for_backward(plan)
         ctx.eps = eps
@@ -317,16 +319,20 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
         sync_free: test convergence on the device, never on the host: the same plan and
             gradients, for torch.compile and CUDA graphs (module docstring).
     Returns:
-        plan T (..., M, N) in float32 (float64 for float64 input), stored transposed (a view of an
-        (..., N, M) tensor; `.contiguous()` if you need M x N memory), and the iteration count if
-        asked (an int; a 0-d tensor when sync_free).
+        plan T (..., M, N) in float32 (float64 for float64 input), laid out transposed in memory as
+        the iterations ran (`.contiguous()` or `.reshape` before a `.view`), and the iteration count
+        if asked (an int; a 0-d tensor when sync_free).
     """
     dtype = working_dtype(cost)
     with torch.autocast(device_type=cost.device.type, enabled=False):
         cost = cost.to(dtype)
         mu, nu = _marginals(cost, a, b)
-        # The release adds 1e-8 inside these logs (a ~1e-5 relative change); not needed here.
-        log_mu, log_nu = mu.log().unsqueeze(-2), nu.log().unsqueeze(-1)  # (..., 1, M), (..., N, 1)
+        # The release adds 1e-8 inside these logs (a ~1e-5 relative change). Here only zero entries
+        # are lifted, to the smallest normal number: a zero-mass row or column then gets a plan of
+        # zeros, where log 0 = -inf would make the next log_softmax of that row NaN.
+        tiny = torch.finfo(dtype).tiny
+        log_mu = mu.clamp_min(tiny).log().unsqueeze(-2)                  # (..., 1, M)
+        log_nu = nu.clamp_min(tiny).log().unsqueeze(-1)                  # (..., N, 1)
         if implicit_grad and (log_mu.requires_grad or log_nu.requires_grad):
             raise ValueError("implicit_grad differentiates the cost only; a and b must not require grad")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not implicit_grad):  # implicit: no graph
@@ -337,7 +343,7 @@ def sinkhorn_log(cost: Tensor, eps: float, a: Tensor | None = None, b: Tensor | 
             log_plan_t = (cost / -eps).transpose(-2, -1).contiguous()      # P^T, (..., N, M)
             (log_plan_t,), iters = _iterate(sinkhorn_log_block, (log_mu, log_nu), (log_plan_t,), eps,
                                             n_iters, tol, sync_free)
-        log_plan = log_plan_t.transpose(-2, -1)                            # P, (..., M, N), a view
+        log_plan = log_plan_t.transpose(-2, -1)                            # P, (..., M, N)
         if implicit_grad:
             plan = _PlanWithImplicitGradient.apply(cost, log_plan, eps)   # (..., M, N)
         else:
@@ -366,7 +372,8 @@ def mps(sim: Tensor, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
         sync_free: as in `sinkhorn_log` (no host sync; the same score).
     Returns:
         score (..., M), or (score, plan): in float32 whatever sim's dtype (float64 stays float64),
-        as every function here. For N = 1 the score is sim[..., 0] itself (converted).
+        as every function here; the plan as `sinkhorn_log` lays it out. For N = 1 the score is
+        sim[..., 0] itself (converted).
     """
     m, n = sim.shape[-2:]
     dtype = working_dtype(sim)

@@ -40,8 +40,9 @@ passes its own on to the workers): the step in progress is finished, every proce
 written at that step, and the program exits with 143 or 130 (data-loading workers ignore the signal;
 one that comes during an evaluation, --eval-every, is obeyed when the evaluation has ended). A loss
 that is not finite: the run stops with one `error:` line at the next logged step (at most --log-every
-steps late) and writes no checkpoint, so the last good ckpt.pt and iter_N.pt stay. A checkpoint that cannot be written (a full
-disk): one line naming the folder, every process stops, the previous file stays (atomic writes).
+steps late) and writes no checkpoint, so the last good ckpt.pt and iter_N.pt stay. A checkpoint that
+cannot be written (a full disk): one line naming the folder, every process stops, the previous file
+stays (atomic writes).
 `--resume auto` continues from OUTPUT_DIR/ckpt.pt when it is there and starts fresh otherwise, so the
 same command serves a requeued job and `torchrun --max-restarts N` (which restarts every worker when
 one dies): at most the steps since the last save are lost.

@@ -167,19 +167,16 @@ def test_a_zero_mass_entry_gets_a_zero_plan_and_leaves_the_rest_unchanged(solver
     entries is that of the problem without it (log 0 must not turn the log-domain loop into NaN)."""
     torch.manual_seed(10)
     cost = torch.rand(2, 12, 5, dtype=torch.float64)
-    a, b = random_marginal(2, 12), random_marginal(2, 5)
-    if side == "row":
-        a[:, 4] = 0
-        keep = [i for i in range(12) if i != 4]
-        plan = solver(cost, 0.1, a, b, n_iters=300, tol=0)
-        reduced = solver(cost[:, keep], 0.1, a[:, keep], b, n_iters=300, tol=0)
-        zero, rest = plan[:, 4], plan[:, keep]
-    else:
-        b[:, 2] = 0
-        keep = [j for j in range(5) if j != 2]
-        plan = solver(cost, 0.1, a, b, n_iters=300, tol=0)
-        reduced = solver(cost[..., keep], 0.1, a, b[:, keep], n_iters=300, tol=0)
-        zero, rest = plan[..., 2], plan[..., keep]
+    marginals = [random_marginal(2, 12), random_marginal(2, 5)]        # a (rows), b (columns)
+    side_dim = 0 if side == "row" else 1
+    cost_dim = side_dim - 2                                              # its dimension in the cost
+    marginals[side_dim][:, 2] = 0
+    keep = torch.tensor([i for i in range(cost.shape[cost_dim]) if i != 2])
+    plan = solver(cost, 0.1, *marginals, n_iters=300, tol=0)
+    reduced_marginals = list(marginals)
+    reduced_marginals[side_dim] = marginals[side_dim][:, keep]
+    reduced = solver(cost.index_select(cost_dim, keep), 0.1, *reduced_marginals, n_iters=300, tol=0)
+    zero, rest = plan.select(cost_dim, 2), plan.index_select(cost_dim, keep)
     assert torch.isfinite(plan).all() and zero.abs().max() < 1e-250, zero.abs().max()
     assert_close(rest, reduced, rtol=1e-10, what=f"{solver.__name__}: the plan without the zero {side}")
 

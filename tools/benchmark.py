@@ -708,7 +708,7 @@ NO_KERNEL = {torch.ops.prim.device.default, aten.empty.memory_format, aten.empty
 # Operators whose one ATen function launches several kernels, with how many: logsumexp runs amax, abs,
 # eq, masked_fill_ (the guard for infinite rows), sub, exp_, sum, log_ and add_ (ATen's
 # logsumexp_out_impl, the same code on the CPU and on CUDA; tests/test_benchmark.py checks it against
-# what the profiler records). Each Sinkhorn iteration runs two.
+# what the profiler records). Sinkhorn's convergence test runs one per block of iterations.
 SEVERAL_KERNELS = {aten.logsumexp.default: 9}
 
 
